@@ -1,0 +1,205 @@
+//! The admin API (`Authorization: Bearer <admin token>`): stored events with filters,
+//! the live tail a developer watches while instrumenting an app, and the counters. Also
+//! the unauthenticated probes: `/healthz`, `/readyz` and Prometheus `/metrics`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use crate::error::ApiError;
+use crate::server::AppState;
+use crate::stats::StatsReport;
+use crate::store::EventFilter;
+
+/// Events answered by `GET /v1/events` when no `limit` is given.
+const DEFAULT_EVENT_LIMIT: usize = 100;
+/// The most events one `GET /v1/events` answers.
+const MAX_EVENT_LIMIT: usize = 1_000;
+
+/// The admin routes, behind the bearer-token check.
+pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/events", get(events))
+        .route("/v1/events/live", get(live))
+        .route("/v1/stats", get(stats))
+        .route_layer(middleware::from_fn_with_state(state, require_admin))
+}
+
+/// Compares without stopping at the first differing byte, so that timing does not
+/// reveal how much of a guessed token is right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// `access_token` in the query, for `EventSource`, which cannot set headers.
+fn query_token(request: &Request) -> Option<String> {
+    request
+        .uri()
+        .query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("access_token="))
+        .map(str::to_owned)
+}
+
+async fn require_admin(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let token = bearer_token(request.headers())
+        .map(str::to_owned)
+        .or_else(|| query_token(&request));
+    match token {
+        Some(token) if same_secret(token.as_bytes(), state.admin_token.as_bytes()) => {
+            Ok(next.run(request).await)
+        }
+        Some(_) => Err(ApiError::Unauthorized("wrong admin token")),
+        None => Err(ApiError::Unauthorized(
+            "the admin API needs Authorization: Bearer <admin token>",
+        )),
+    }
+}
+
+/// The filters of `GET /v1/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    message_id: Option<String>,
+    user_id: Option<String>,
+    anonymous_id: Option<String>,
+    profile_id: Option<String>,
+    limit: Option<usize>,
+    before: Option<u64>,
+}
+
+impl EventsQuery {
+    fn filter(self) -> Result<EventFilter, ApiError> {
+        if self.profile_id.is_some() {
+            return Err(ApiError::invalid(
+                "unsupported_filter",
+                "profile_id needs identity resolution, which this collector does not run yet",
+            ));
+        }
+        let filters = [
+            self.message_id.map(EventFilter::MessageId),
+            self.user_id.map(EventFilter::UserId),
+            self.anonymous_id.map(EventFilter::AnonymousId),
+        ];
+        let mut given = filters.into_iter().flatten();
+        match (given.next(), given.next()) {
+            (None, _) => Ok(EventFilter::All),
+            (Some(filter), None) => Ok(filter),
+            (Some(_), Some(_)) => Err(ApiError::invalid(
+                "conflicting_filters",
+                "give at most one of message_id, user_id, anonymous_id",
+            )),
+        }
+    }
+}
+
+async fn events(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
+    let limit = query.limit.unwrap_or(DEFAULT_EVENT_LIMIT);
+    if limit == 0 || limit > MAX_EVENT_LIMIT {
+        return Err(ApiError::invalid(
+            "invalid_limit",
+            format!("limit must be between 1 and {MAX_EVENT_LIMIT}"),
+        ));
+    }
+    let before = query.before;
+    let filter = query.filter()?;
+    let store = state.store.clone();
+    let found = tokio::task::spawn_blocking(move || store.query(&filter, before, limit))
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))??;
+    let next_before = (found.len() == limit)
+        .then(|| found.last().map(|e| e.seq))
+        .flatten();
+    Ok(Json(json!({"events": found, "next_before": next_before})))
+}
+
+async fn live(
+    State(state): State<Arc<AppState>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let mut shutdown = state.shutdown_signal();
+    let stream = BroadcastStream::new(state.live.subscribe())
+        .map(|item| {
+            Ok(match item {
+                Ok(json) => Event::default().event("event").data(&*json),
+                Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                    Event::default().event("lagged").data(missed.to_string())
+                }
+            })
+        })
+        .take_until(async move {
+            let _ = shutdown.wait_for(|stopping| *stopping).await;
+        });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Json<StatsReport> {
+    Json(state.stats.report())
+}
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: the collector takes traffic (503 while shutting down).
+///
+/// # Errors
+///
+/// 503 once shutdown has begun.
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    if state.ready() {
+        Ok(Json(json!({"status": "ready"})))
+    } else {
+        Err(ApiError::Unavailable("shutting down".to_owned()))
+    }
+}
+
+/// `GET /metrics`: the counters in Prometheus' text format.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.stats.prometheus(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,120 @@
+//! The collector's configuration: command-line flags, each with an environment variable.
+//!
+//! [`Config`] is all a collector needs to start; tests build one with
+//! [`Config::for_data_dir`] and change the fields they care about.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use ipnet::IpNet;
+
+/// How long a `(source, messageId)` pair is remembered for deduplication by default.
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// Memory sled may use for its page cache by default, in bytes. Kept small so that the
+/// collector's footprint stays low; sled reads what falls out of it from disk.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Everything a collector needs to start.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "kith-collector",
+    version,
+    about = "Kith's self-hosted collector"
+)]
+pub struct Config {
+    /// Address to serve on.
+    #[arg(long, env = "KITH_LISTEN", default_value = "127.0.0.1:8787")]
+    pub listen: SocketAddr,
+
+    /// Directory holding the collector's data (sled).
+    #[arg(long, env = "KITH_DATA_DIR", default_value = "./kith-data")]
+    pub data_dir: PathBuf,
+
+    /// Write keys of the sources allowed to send events (repeat the flag, or separate
+    /// with commas). When none is given, a dev key is generated on first start, stored
+    /// and printed.
+    #[arg(long = "write-key", env = "KITH_WRITE_KEY", value_delimiter = ',')]
+    pub write_keys: Vec<String>,
+
+    /// Bearer token of the admin API. Generated, stored and printed when not given.
+    #[arg(long, env = "KITH_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+
+    /// Proxies whose `X-Forwarded-For` header is trusted for `context.ip` (addresses or
+    /// CIDR ranges, comma separated).
+    #[arg(long = "trusted-proxy", env = "KITH_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<IpNet>,
+
+    /// How long a repeated `messageId` from the same source counts as a duplicate
+    /// (for example `7d`, `12h`).
+    #[arg(long, env = "KITH_DEDUP_WINDOW", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub dedup_window: Duration,
+
+    /// Events per second each write key may send; 0 turns rate limiting off.
+    #[arg(long, env = "KITH_RATE_LIMIT", default_value_t = 0)]
+    pub rate_limit: u32,
+
+    /// Memory for sled's page cache, in bytes.
+    #[arg(long, env = "KITH_CACHE_BYTES", default_value_t = DEFAULT_CACHE_BYTES)]
+    pub cache_bytes: u64,
+}
+
+impl Config {
+    /// The defaults, with data in `data_dir`, listening on `127.0.0.1:0`.
+    pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.into(),
+            write_keys: Vec::new(),
+            admin_token: None,
+            trusted_proxies: Vec::new(),
+            dedup_window: DEFAULT_DEDUP_WINDOW,
+            rate_limit: 0,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+/// Takes `10.0.0.0/8` as well as a bare address (a /32 or /128 range).
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_with_defaults() {
+        let config = Config::try_parse_from(["kith-collector"]).expect("defaults parse");
+        assert_eq!(config.listen, "127.0.0.1:8787".parse().expect("addr"));
+        assert_eq!(config.data_dir, PathBuf::from("./kith-data"));
+        assert_eq!(config.dedup_window, DEFAULT_DEDUP_WINDOW);
+        assert!(config.write_keys.is_empty());
+    }
+
+    #[test]
+    fn lists_durations_and_proxies_parse() {
+        let config = Config::try_parse_from([
+            "kith-collector",
+            "--write-key",
+            "a,b",
+            "--trusted-proxy",
+            "10.0.0.0/8,127.0.0.1",
+            "--dedup-window",
+            "12h",
+        ])
+        .expect("flags parse");
+        assert_eq!(config.write_keys, ["a", "b"]);
+        assert_eq!(config.trusted_proxies.len(), 2);
+        assert!(config.trusted_proxies[1].contains(&"127.0.0.1".parse::<IpAddr>().expect("ip")));
+        assert_eq!(config.dedup_window, Duration::from_secs(12 * 3600));
+        assert!(Config::try_parse_from(["kith-collector", "--trusted-proxy", "nope"]).is_err());
+    }
+}

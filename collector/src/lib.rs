@@ -1,0 +1,22 @@
+//! Kith's collector as a library: a thin binary (`main.rs`) parses a [`Config`] and
+//! calls [`Collector::open`] and [`Collector::serve`]; tests do the same on port 0 or
+//! call [`Collector::router`] directly.
+//!
+//! The way an event travels: [`ingest`] (HTTP, auth, validation, enrichment) →
+//! [`writer`] (group commit onto the durable log in [`store`]) → [`pipeline`] (stages:
+//! deduplicate, persist) → [`admin`] (queries, live tail, counters from [`stats`]).
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod ingest;
+pub mod pipeline;
+pub mod ratelimit;
+pub mod server;
+pub mod stats;
+pub mod store;
+pub mod writer;
+
+pub use config::Config;
+pub use error::{ApiError, StoreError};
+pub use server::{AppState, Collector, Running, app};

@@ -1,0 +1,62 @@
+//! The `kith-collector` binary: parses flags and environment, opens the collector,
+//! prints where it listens and its credentials, and serves until SIGTERM or Ctrl-C.
+
+use clap::Parser;
+use kith_collector::{Collector, Config};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config::parse();
+    let collector = Collector::open(&config)?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    for key in &collector.write_keys {
+        if key.generated || config.write_keys.is_empty() {
+            println!(
+                "write key: {} (dev key, stored in {})",
+                key.value,
+                config.data_dir.display()
+            );
+        }
+    }
+    if config.admin_token.is_none() {
+        println!("admin token: {}", collector.admin_token.value);
+    }
+    // Tools and tests read this line to find the port when listening on port 0.
+    println!("listening on http://{}", listener.local_addr()?);
+    collector.serve(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down: draining requests and flushing");
+}

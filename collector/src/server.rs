@@ -1,0 +1,354 @@
+//! Assembly: [`Collector::open`] builds the shared [`AppState`] from a [`Config`] (store,
+//! credentials, log writer, pipeline), [`app`] builds the router, and
+//! [`Collector::serve`] runs it until a shutdown signal, then drains and flushes.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::routing::{get, post};
+use ipnet::IpNet;
+use kith_sdk_core::protocol::MessageType;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tower_http::cors::CorsLayer;
+
+use crate::config::Config;
+use crate::error::{ApiError, StoreError};
+use crate::pipeline::{Deduplicate, Persist, Pipeline, Stage, Wake};
+use crate::ratelimit::RateLimiter;
+use crate::stats::Stats;
+use crate::store::Store;
+use crate::writer::LogWriter;
+use crate::{admin, ingest};
+
+/// How many stored events the live tail buffers for a slow subscriber.
+const LIVE_BUFFER: usize = 1_024;
+
+/// State shared by every handler.
+#[derive(Debug)]
+pub struct AppState {
+    /// The embedded store.
+    pub store: Arc<Store>,
+    /// Event accounting.
+    pub stats: Arc<Stats>,
+    /// Group commit onto the log.
+    pub writer: LogWriter,
+    /// Stored events as JSON, for the live tail.
+    pub live: broadcast::Sender<Arc<str>>,
+    /// The admin API's bearer token.
+    pub admin_token: String,
+    /// Proxies whose `X-Forwarded-For` is trusted.
+    pub trusted_proxies: Vec<IpNet>,
+    /// The per-source rate limit, when configured.
+    pub limiter: Option<RateLimiter>,
+    sources: HashMap<String, Arc<str>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl AppState {
+    /// The source id behind a write key.
+    pub fn source_for(&self, write_key: &str) -> Option<Arc<str>> {
+        self.sources.get(write_key).cloned()
+    }
+
+    /// Whether the collector is ready for traffic (not shutting down).
+    pub fn ready(&self) -> bool {
+        !*self.shutdown.borrow()
+    }
+
+    /// Turns `true` when shutdown begins; long-lived responses (the live tail) end then.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+/// A source's id: derived from its write key, so that it is stable without being secret.
+pub fn source_id(write_key: &str) -> String {
+    let digest = Sha256::digest(write_key.as_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("src_{hex}")
+}
+
+/// A credential the collector uses, and whether it was generated on this start.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    /// The secret.
+    pub value: String,
+    /// Generated and stored now (rather than given or found in the store).
+    pub generated: bool,
+}
+
+/// A running collector: its state, log writer and pipeline thread.
+#[derive(Debug)]
+pub struct Collector {
+    state: Arc<AppState>,
+    wake: Arc<Wake>,
+    pipeline: Mutex<Option<JoinHandle<()>>>,
+    /// The write keys in use.
+    pub write_keys: Vec<Credential>,
+    /// The admin token in use.
+    pub admin_token: Credential,
+}
+
+fn generate_secret(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+fn credential(
+    store: &Store,
+    given: Option<String>,
+    name: &str,
+    prefix: &str,
+) -> Result<Credential, StoreError> {
+    if let Some(value) = given {
+        return Ok(Credential {
+            value,
+            generated: false,
+        });
+    }
+    let (value, generated) = store.credential(name, || generate_secret(prefix))?;
+    Ok(Credential { value, generated })
+}
+
+impl Collector {
+    /// Opens the store in `config.data_dir`, resolves credentials (generating and storing
+    /// a dev write key and an admin token when none is given) and starts the log writer
+    /// and the pipeline.
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot be opened or the threads cannot start.
+    pub fn open(config: &Config) -> Result<Self, StoreError> {
+        let store = Arc::new(Store::open(&config.data_dir, config.cache_bytes)?);
+        let write_keys = if config.write_keys.is_empty() {
+            vec![credential(&store, None, "write_key", "wk")?]
+        } else {
+            config
+                .write_keys
+                .iter()
+                .map(|key| Credential {
+                    value: key.clone(),
+                    generated: false,
+                })
+                .collect()
+        };
+        let admin_token = credential(&store, config.admin_token.clone(), "admin_token", "adm")?;
+        let (ingest, pipeline_counters) = store.counters()?;
+        let stats = Arc::new(Stats::restore(ingest, pipeline_counters));
+        let wake = Arc::new(Wake::default());
+        let (live, _) = broadcast::channel(LIVE_BUFFER);
+
+        let stages: Vec<Box<dyn Stage>> = vec![
+            Box::new(Deduplicate::new(store.clone(), config.dedup_window)),
+            Box::new(Persist::new(store.clone())),
+        ];
+        let pipeline = Pipeline::new(store.clone(), stats.clone(), stages, live.clone())
+            .start(wake.clone())
+            .map_err(|e| StoreError::Corrupt(format!("cannot start the pipeline: {e}")))?;
+        let writer = LogWriter::start(store.clone(), stats.clone(), wake.clone())?;
+
+        let state = AppState {
+            store,
+            stats,
+            writer,
+            live,
+            admin_token: admin_token.value.clone(),
+            trusted_proxies: config.trusted_proxies.clone(),
+            limiter: (config.rate_limit > 0).then(|| RateLimiter::new(config.rate_limit)),
+            sources: write_keys
+                .iter()
+                .map(|key| (key.value.clone(), Arc::from(source_id(&key.value))))
+                .collect(),
+            shutdown: watch::channel(false).0,
+        };
+        Ok(Collector {
+            state: Arc::new(state),
+            wake,
+            pipeline: Mutex::new(Some(pipeline)),
+            write_keys,
+            admin_token,
+        })
+    }
+
+    /// The shared state, for tests and tools.
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// The HTTP API.
+    pub fn router(&self) -> Router {
+        app(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then stops taking requests,
+    /// finishes those in flight, commits what the log writer holds and stops the
+    /// pipeline after its current chunk.
+    ///
+    /// # Errors
+    ///
+    /// When the server fails.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let state = self.state.clone();
+        let signal = async move {
+            shutdown.await;
+            state.begin_shutdown();
+        };
+        let result = axum::serve(
+            listener,
+            self.router()
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(signal)
+        .await;
+        tokio::task::spawn_blocking(move || self.shutdown())
+            .await
+            .map_err(std::io::Error::other)?;
+        result
+    }
+
+    /// Stops the log writer (committing what it holds) and the pipeline, then flushes.
+    pub fn shutdown(&self) {
+        self.state.begin_shutdown();
+        self.state.writer.close();
+        self.wake.stop();
+        let pipeline = self
+            .pipeline
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = pipeline
+            && thread.join().is_err()
+        {
+            tracing::error!("the pipeline thread panicked");
+        }
+        if let Err(error) = self.state.store.flush() {
+            tracing::error!(%error, "final flush failed");
+        }
+    }
+}
+
+/// The collector's HTTP API over `state`.
+pub fn app(state: Arc<AppState>) -> Router {
+    let mut ingest_routes = Router::new().route("/v1/batch", post(ingest::batch));
+    for kind in MessageType::ALL {
+        ingest_routes = ingest_routes.route(
+            &format!("/v1/{kind}"),
+            post(
+                move |State(state): State<Arc<AppState>>, request: Request| {
+                    ingest::single(state, kind, request)
+                },
+            ),
+        );
+    }
+    let ingest_routes = ingest_routes.layer(CorsLayer::permissive());
+
+    Router::new()
+        .merge(ingest_routes)
+        .merge(admin::routes(state.clone()))
+        .route("/healthz", get(admin::healthz))
+        .route("/readyz", get(admin::readyz))
+        .route("/metrics", get(admin::metrics))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()) })
+        .with_state(state)
+}
+
+/// A collector serving on its own thread and runtime: for tests and for embedding in a
+/// program that is not async. Dropping it (or [`Running::stop`]) shuts it down.
+#[derive(Debug)]
+pub struct Running {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its first write key.
+    pub write_key: String,
+    /// Its admin token.
+    pub admin_token: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Running {
+    /// Opens a collector with `config` and serves it on `config.listen` (port 0 picks a
+    /// free port) from a new thread.
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot be opened or the address cannot be bound.
+    pub fn start(config: &Config) -> std::io::Result<Self> {
+        let collector = Collector::open(config).map_err(std::io::Error::other)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let listener = runtime.block_on(TcpListener::bind(config.listen))?;
+        let addr = listener.local_addr()?;
+        let write_key = collector
+            .write_keys
+            .first()
+            .map(|key| key.value.clone())
+            .unwrap_or_default();
+        let admin_token = collector.admin_token.value.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("kith-collector".to_owned())
+            .spawn(move || {
+                runtime.block_on(collector.serve(listener, async {
+                    let _ = stopped.await;
+                }))
+            })?;
+        Ok(Running {
+            addr,
+            write_key,
+            admin_token,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// `http://addr` followed by `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Shuts down gracefully and waits until the store is flushed.
+    ///
+    /// # Errors
+    ///
+    /// When serving failed.
+    pub fn stop(mut self) -> std::io::Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> std::io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take() {
+            Some(thread) => thread
+                .join()
+                .map_err(|_| std::io::Error::other("the collector thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Err(error) = self.shutdown() {
+            tracing::error!(%error, "collector stopped with an error");
+        }
+    }
+}

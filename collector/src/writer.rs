@@ -1,0 +1,169 @@
+//! The log writer: group commit of accepted events onto the durable log.
+//!
+//! Handlers hand their accepted events to one writer thread and wait. The thread takes
+//! every request waiting at that moment, assigns each event its `seq`, appends them all
+//! in one batch, persists the ingest counters and flushes once; then it answers every
+//! request in the group and wakes the pipeline. So a 200 always follows an fsync, and
+//! concurrent requests share it: the more load, the larger the group, the fewer flushes
+//! per event.
+
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use sled::Batch;
+use tokio::sync::oneshot;
+
+use crate::error::StoreError;
+use crate::pipeline::Wake;
+use crate::stats::Stats;
+use crate::store::Store;
+
+/// The most events one group commit takes, to bound its latency and memory.
+const MAX_GROUP_EVENTS: usize = 50_000;
+
+/// What one ingest request hands the writer.
+#[derive(Debug)]
+pub struct Append {
+    /// The source the events came from.
+    pub source: Arc<str>,
+    /// Accepted events, each encoded as message JSON.
+    pub events: Vec<Vec<u8>>,
+    /// Events in the request (accepted and rejected).
+    pub received: u64,
+    /// Reason codes of the events rejected one by one.
+    pub rejected: Vec<&'static str>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    append: Append,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Handle to the writer thread.
+#[derive(Debug)]
+pub struct LogWriter {
+    tx: Mutex<Option<Sender<Pending>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl LogWriter {
+    /// Starts the writer thread, continuing the log after `store.last_seq()`.
+    ///
+    /// # Errors
+    ///
+    /// When the last `seq` cannot be read, or the thread cannot be spawned.
+    pub fn start(
+        store: Arc<Store>,
+        stats: Arc<Stats>,
+        wake: Arc<Wake>,
+    ) -> Result<Self, StoreError> {
+        let next_seq = store.last_seq()? + 1;
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("kith-log-writer".to_owned())
+            .spawn(move || run(&store, &stats, &wake, &rx, next_seq))
+            .map_err(|e| StoreError::Corrupt(format!("cannot start the log writer: {e}")))?;
+        Ok(LogWriter {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Appends the request's events and waits until they are durable.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::ShuttingDown`] after [`LogWriter::close`], or the store's failure.
+    pub async fn append(&self, append: Append) -> Result<(), StoreError> {
+        let (done, result) = oneshot::channel();
+        {
+            let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+            let tx = tx.as_ref().ok_or(StoreError::ShuttingDown)?;
+            tx.send(Pending { append, done })
+                .map_err(|_| StoreError::ShuttingDown)?;
+        }
+        result.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    /// Refuses new appends, commits what is queued and waits for the thread to end.
+    pub fn close(&self) {
+        drop(
+            self.tx
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::error!("the log writer thread panicked");
+        }
+    }
+}
+
+fn run(store: &Store, stats: &Stats, wake: &Wake, rx: &Receiver<Pending>, mut next_seq: u64) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        let mut events = group[0].append.events.len();
+        while events < MAX_GROUP_EVENTS {
+            match rx.try_recv() {
+                Ok(more) => {
+                    events += more.append.events.len();
+                    group.push(more);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = commit(store, stats, &group, &mut next_seq);
+        if let Err(error) = &result {
+            tracing::error!(%error, "group commit failed");
+        }
+        for pending in group {
+            let answer = match &result {
+                Ok(()) => Ok(()),
+                Err(_) => Err(StoreError::Corrupt("group commit failed".to_owned())),
+            };
+            // A client that went away no longer waits for its answer; that is fine.
+            let _ = pending.done.send(answer);
+        }
+        if result.is_ok() {
+            wake.notify();
+        }
+    }
+}
+
+fn commit(
+    store: &Store,
+    stats: &Stats,
+    group: &[Pending],
+    next_seq: &mut u64,
+) -> Result<(), StoreError> {
+    let mut batch = Batch::default();
+    for pending in group {
+        for event in &pending.append.events {
+            batch.insert(
+                &Store::log_key(*next_seq),
+                Store::log_value(&pending.append.source, event),
+            );
+            *next_seq += 1;
+        }
+    }
+    store.append(batch)?;
+    for pending in group {
+        let append = &pending.append;
+        stats.record_ingest(
+            append.received,
+            append.events.len() as u64,
+            &append.rejected,
+        );
+    }
+    store.put_ingest_counters(&stats.ingest())?;
+    store.flush()
+}

@@ -1,0 +1,125 @@
+//! Helpers shared by the collector's integration tests: a collector on port 0 and a
+//! blocking HTTP client that speaks to it.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use kith_collector::{Config, Running};
+use reqwest::blocking::{Client, RequestBuilder, Response};
+use serde_json::Value;
+
+pub const WRITE_KEY: &str = "test-write-key";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// A collector on a fresh data directory, with fixed credentials.
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub collector: Running,
+    pub http: Client,
+}
+
+pub fn config(dir: &std::path::Path) -> Config {
+    let mut config = Config::for_data_dir(dir);
+    config.write_keys = vec![WRITE_KEY.to_owned()];
+    config.admin_token = Some(ADMIN_TOKEN.to_owned());
+    config
+}
+
+impl Harness {
+    pub fn start() -> Self {
+        Self::start_with(|_| {})
+    }
+
+    pub fn start_with(change: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = config(dir.path());
+        change(&mut config);
+        let collector = Running::start(&config).expect("collector starts");
+        Harness {
+            dir,
+            collector,
+            http: Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.collector.url(path)
+    }
+
+    /// A POST authenticated with the write key as Basic user.
+    pub fn post(&self, path: &str) -> RequestBuilder {
+        self.http
+            .post(self.url(path))
+            .basic_auth(WRITE_KEY, Some(""))
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.post(path)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .expect("request sent")
+    }
+
+    pub fn admin_get(&self, path_and_query: &str) -> Response {
+        self.http
+            .get(self.url(path_and_query))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .expect("request sent")
+    }
+
+    pub fn stats(&self) -> Value {
+        self.admin_get("/v1/stats").json().expect("stats json")
+    }
+
+    /// Waits until the pipeline has processed everything accepted.
+    pub fn wait_processed(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let stats = self.stats();
+            if stats["pending"] == 0 {
+                return stats;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pipeline did not catch up: {stats}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stored events matching the query (`user_id=u1`...), newest first.
+    pub fn events(&self, query: &str) -> Vec<Value> {
+        self.wait_processed();
+        let body: Value = self
+            .admin_get(&format!("/v1/events?{query}"))
+            .json()
+            .expect("events json");
+        body["events"].as_array().expect("events array").clone()
+    }
+}
+
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).expect("gzip");
+    encoder.finish().expect("gzip")
+}
+
+/// The `{"error": {"code": ...}}` code of an error response, with its status.
+pub fn error_code(response: Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: Value = response.json().expect("error body is JSON");
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code in {body}"))
+        .to_owned();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+    (status, code)
+}

@@ -1,0 +1,564 @@
+//! The Segment-spec wire protocol: message types, the batch envelope, limits and
+//! validation.
+//!
+//! This module owns the one definition of what Kith's SDKs send and what the collector
+//! accepts. It does no I/O and depends only on serde and jiff, so it builds for every
+//! target, `wasm32-unknown-unknown` included.
+//!
+//! Unknown keys are kept (in [`Common::extra`]) rather than refused, as Segment's own
+//! API does, so a message passes through Kith unchanged apart from the fields Kith sets.
+//!
+//! # Example
+//!
+//! ```
+//! use kith_sdk_core::protocol::Message;
+//!
+//! let message: Message = serde_json::from_str(
+//!     r#"{"type":"track","event":"Signed Up","userId":"u1","properties":{"plan":"pro"}}"#,
+//! )?;
+//! assert!(message.validate().is_ok());
+//! assert_eq!(message.kind().as_str(), "track");
+//! # Ok::<(), serde_json::Error>(())
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+/// A JSON object, as used for `properties`, `traits`, `context` and `integrations`.
+pub type Map = serde_json::Map<String, Value>;
+
+/// The largest serialized event accepted, in bytes (Segment's limit).
+pub const MAX_EVENT_BYTES: usize = 32 * 1024;
+/// The largest batch request body accepted, in bytes, after decompression.
+pub const MAX_BATCH_BYTES: usize = 500 * 1024;
+/// The most events one batch may carry.
+pub const MAX_BATCH_EVENTS: usize = 2_500;
+/// The longest `messageId` accepted, in characters.
+pub const MAX_MESSAGE_ID_CHARS: usize = 100;
+
+/// The six Segment message types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageType {
+    /// An action the user performed.
+    Track,
+    /// Who the user is, and their traits.
+    Identify,
+    /// A web page view.
+    Page,
+    /// A mobile screen view.
+    Screen,
+    /// The user's membership of a group (account, company).
+    Group,
+    /// Links a previous identity to the current user id.
+    Alias,
+}
+
+impl MessageType {
+    /// Every message type, in Segment's documentation order.
+    pub const ALL: [MessageType; 6] = [
+        MessageType::Track,
+        MessageType::Identify,
+        MessageType::Page,
+        MessageType::Screen,
+        MessageType::Group,
+        MessageType::Alias,
+    ];
+
+    /// The type's wire name, as in `"type": "track"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageType::Track => "track",
+            MessageType::Identify => "identify",
+            MessageType::Page => "page",
+            MessageType::Screen => "screen",
+            MessageType::Group => "group",
+            MessageType::Alias => "alias",
+        }
+    }
+}
+
+impl fmt::Display for MessageType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for MessageType {
+    type Err = UnknownMessageType;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        MessageType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| UnknownMessageType(s.to_owned()))
+    }
+}
+
+/// A `type` that is not one of the six Segment message types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownMessageType(pub String);
+
+impl fmt::Display for UnknownMessageType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown message type {:?}", self.0)
+    }
+}
+
+impl std::error::Error for UnknownMessageType {}
+
+/// The fields every message type shares.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Common {
+    /// Unique id of the message, used for deduplication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// A pseudo-unique id for a user not yet known by `userId`.
+    #[serde(
+        default,
+        deserialize_with = "id_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub anonymous_id: Option<String>,
+    /// The user's id in the customer's own database.
+    #[serde(
+        default,
+        deserialize_with = "id_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub user_id: Option<String>,
+    /// When the message happened. The collector corrects it for client clock skew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<Timestamp>,
+    /// The `timestamp` as the client sent it, before clock-skew correction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_timestamp: Option<Timestamp>,
+    /// When the client sent the message, by the client's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<Timestamp>,
+    /// When the collector received the message, by the collector's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<Timestamp>,
+    /// Context: library, device, page, ip, locale...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Map>,
+    /// Which destinations the message is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrations: Option<Map>,
+    /// Any other key the sender included, kept as it came.
+    #[serde(flatten)]
+    pub extra: Map,
+}
+
+/// A `track` message: an action the user performed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Track {
+    /// The fields every message shares.
+    #[serde(flatten)]
+    pub common: Common,
+    /// The action's name, such as `"Order Completed"`. Required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// Properties of the action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<Map>,
+}
+
+/// An `identify` message: who the user is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Identify {
+    /// The fields every message shares.
+    #[serde(flatten)]
+    pub common: Common,
+    /// Traits of the user: email, name, plan...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traits: Option<Map>,
+}
+
+/// A `page` message: a web page view.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Page {
+    /// The fields every message shares.
+    #[serde(flatten)]
+    pub common: Common,
+    /// The page's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Properties of the page view: url, path, referrer, title...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<Map>,
+}
+
+/// A `screen` message: a mobile screen view.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Screen {
+    /// The fields every message shares.
+    #[serde(flatten)]
+    pub common: Common,
+    /// The screen's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Properties of the screen view.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<Map>,
+}
+
+/// A `group` message: the user belongs to a group (account, company).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Group {
+    /// The fields every message shares.
+    #[serde(flatten)]
+    pub common: Common,
+    /// The group's id. Required.
+    #[serde(
+        default,
+        deserialize_with = "id_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub group_id: Option<String>,
+    /// Traits of the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traits: Option<Map>,
+}
+
+/// An `alias` message: `previousId` and `userId` are the same person.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Alias {
+    /// The fields every message shares.
+    #[serde(flatten)]
+    pub common: Common,
+    /// The identity being linked to `userId`. Required.
+    #[serde(
+        default,
+        deserialize_with = "id_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub previous_id: Option<String>,
+}
+
+/// One Segment-spec message, tagged by its `type` field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Message {
+    /// See [`Track`].
+    Track(Track),
+    /// See [`Identify`].
+    Identify(Identify),
+    /// See [`Page`].
+    Page(Page),
+    /// See [`Screen`].
+    Screen(Screen),
+    /// See [`Group`].
+    Group(Group),
+    /// See [`Alias`].
+    Alias(Alias),
+}
+
+/// The request body of `POST /v1/batch`.
+///
+/// Generic over the event representation so that the collector can take each event as
+/// raw JSON (`Batch<Box<RawValue>>`) and reject bad events one by one, while SDKs build
+/// `Batch<Message>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Batch<E = Message> {
+    /// The events.
+    pub batch: Vec<E>,
+    /// Context merged into every event (the event's own keys win).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Map>,
+    /// Integrations merged into every event (the event's own keys win).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrations: Option<Map>,
+    /// When the batch was sent, for events that carry no `sentAt` of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<Timestamp>,
+    /// The source's write key, for clients that cannot set headers (`sendBeacon`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_key: Option<String>,
+}
+
+/// Why a message breaks the spec. `code` is stable and machine-readable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// A stable, machine-readable reason, such as `missing_event`.
+    pub code: &'static str,
+    /// A sentence for the developer.
+    pub message: String,
+}
+
+impl Invalid {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Invalid {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+impl Message {
+    /// The message's type.
+    pub fn kind(&self) -> MessageType {
+        match self {
+            Message::Track(_) => MessageType::Track,
+            Message::Identify(_) => MessageType::Identify,
+            Message::Page(_) => MessageType::Page,
+            Message::Screen(_) => MessageType::Screen,
+            Message::Group(_) => MessageType::Group,
+            Message::Alias(_) => MessageType::Alias,
+        }
+    }
+
+    /// The fields every message shares.
+    pub fn common(&self) -> &Common {
+        match self {
+            Message::Track(m) => &m.common,
+            Message::Identify(m) => &m.common,
+            Message::Page(m) => &m.common,
+            Message::Screen(m) => &m.common,
+            Message::Group(m) => &m.common,
+            Message::Alias(m) => &m.common,
+        }
+    }
+
+    /// The fields every message shares, mutably.
+    pub fn common_mut(&mut self) -> &mut Common {
+        match self {
+            Message::Track(m) => &mut m.common,
+            Message::Identify(m) => &mut m.common,
+            Message::Page(m) => &mut m.common,
+            Message::Screen(m) => &mut m.common,
+            Message::Group(m) => &mut m.common,
+            Message::Alias(m) => &mut m.common,
+        }
+    }
+
+    /// Checks the rules of the spec that serde's types cannot express.
+    ///
+    /// # Errors
+    ///
+    /// The first rule broken: `missing_identity` (neither `userId` nor `anonymousId`),
+    /// `missing_event` (track), `missing_group_id` (group), `missing_previous_id` (alias)
+    /// or `message_id_too_long`.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let common = self.common();
+        if blank(&common.user_id) && blank(&common.anonymous_id) {
+            return Err(Invalid::new(
+                "missing_identity",
+                "every message needs a userId or an anonymousId",
+            ));
+        }
+        if let Some(id) = &common.message_id
+            && id.chars().count() > MAX_MESSAGE_ID_CHARS
+        {
+            return Err(Invalid::new(
+                "message_id_too_long",
+                format!("messageId is longer than {MAX_MESSAGE_ID_CHARS} characters"),
+            ));
+        }
+        match self {
+            Message::Track(t) if blank(&t.event) => Err(Invalid::new(
+                "missing_event",
+                "a track message needs an event name",
+            )),
+            Message::Group(g) if blank(&g.group_id) => Err(Invalid::new(
+                "missing_group_id",
+                "a group message needs a groupId",
+            )),
+            Message::Alias(a) if blank(&a.previous_id) => Err(Invalid::new(
+                "missing_previous_id",
+                "an alias message needs a previousId",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Fills in batch-level `context` and `integrations`: each top-level key the message
+    /// does not set itself is taken from the batch.
+    pub fn merge_batch_defaults(&mut self, context: Option<&Map>, integrations: Option<&Map>) {
+        let common = self.common_mut();
+        merge_missing(&mut common.context, context);
+        merge_missing(&mut common.integrations, integrations);
+    }
+}
+
+fn merge_missing(target: &mut Option<Map>, defaults: Option<&Map>) {
+    let Some(defaults) = defaults.filter(|d| !d.is_empty()) else {
+        return;
+    };
+    let target = target.get_or_insert_with(Map::new);
+    for (key, value) in defaults {
+        if !target.contains_key(key) {
+            target.insert(key.clone(), value.clone());
+        }
+    }
+}
+
+fn blank(value: &Option<String>) -> bool {
+    value.as_deref().is_none_or(|s| s.trim().is_empty())
+}
+
+/// Ids are strings on the wire, but some libraries send numbers: take both.
+fn id_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Text(String),
+        Number(serde_json::Number),
+    }
+    Ok(match Option::<Id>::deserialize(deserializer)? {
+        None => None,
+        Some(Id::Text(s)) => Some(s),
+        Some(Id::Number(n)) => Some(n.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(value: Value) -> Message {
+        serde_json::from_value(value).expect("valid message")
+    }
+
+    #[test]
+    fn parses_every_type_and_keeps_unknown_keys() {
+        for kind in MessageType::ALL {
+            let message = parse(json!({
+                "type": kind.as_str(), "userId": "u1", "event": "E", "groupId": "g",
+                "previousId": "p", "channel": "server", "_metadata": {"x": 1}
+            }));
+            assert_eq!(message.kind(), kind);
+            assert_eq!(message.common().extra["channel"], json!("server"));
+            let back = serde_json::to_value(&message).expect("serializes");
+            assert_eq!(back["type"], json!(kind.as_str()));
+            assert_eq!(back["_metadata"], json!({"x": 1}));
+        }
+    }
+
+    #[test]
+    fn round_trips_fields_in_camel_case() {
+        let input = json!({
+            "type": "track", "event": "Order Completed", "messageId": "m1",
+            "anonymousId": "a1", "timestamp": "2024-05-01T10:00:00.5Z",
+            "sentAt": "2024-05-01T10:00:01Z", "properties": {"total": 9.5},
+            "context": {"library": {"name": "x"}}, "integrations": {"All": true}
+        });
+        let message = parse(input.clone());
+        assert_eq!(serde_json::to_value(&message).expect("serializes"), input);
+    }
+
+    #[test]
+    fn numeric_ids_become_strings() {
+        let message = parse(json!({"type": "alias", "userId": 42, "previousId": 7}));
+        let Message::Alias(alias) = message else {
+            panic!("not an alias")
+        };
+        assert_eq!(alias.common.user_id.as_deref(), Some("42"));
+        assert_eq!(alias.previous_id.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn rejects_bad_timestamps_and_types() {
+        let bad = [
+            json!({"type": "track", "event": "E", "userId": "u", "timestamp": "yesterday"}),
+            json!({"type": "track", "event": "E", "userId": "u", "timestamp": 5}),
+            json!({"type": "track", "event": ["E"], "userId": "u"}),
+            json!({"type": "click", "userId": "u"}),
+            json!({"userId": "u"}),
+        ];
+        for value in bad {
+            assert!(
+                serde_json::from_value::<Message>(value.clone()).is_err(),
+                "{value} should not parse"
+            );
+        }
+    }
+
+    #[test]
+    fn validation_rules_per_type() {
+        let cases = [
+            (
+                json!({"type": "track", "event": "E"}),
+                Some("missing_identity"),
+            ),
+            (
+                json!({"type": "track", "event": "E", "userId": " "}),
+                Some("missing_identity"),
+            ),
+            (
+                json!({"type": "track", "userId": "u"}),
+                Some("missing_event"),
+            ),
+            (
+                json!({"type": "track", "event": "", "userId": "u"}),
+                Some("missing_event"),
+            ),
+            (
+                json!({"type": "group", "userId": "u"}),
+                Some("missing_group_id"),
+            ),
+            (
+                json!({"type": "alias", "userId": "u"}),
+                Some("missing_previous_id"),
+            ),
+            (
+                json!({"type": "identify", "userId": "u", "messageId": "m".repeat(101)}),
+                Some("message_id_too_long"),
+            ),
+            (
+                json!({"type": "identify", "anonymousId": "a", "messageId": "m".repeat(100)}),
+                None,
+            ),
+            (json!({"type": "page", "anonymousId": "a"}), None),
+            (json!({"type": "screen", "userId": "u"}), None),
+        ];
+        for (value, expected) in cases {
+            let got = parse(value.clone()).validate().err().map(|e| e.code);
+            assert_eq!(got, expected, "{value}");
+        }
+    }
+
+    #[test]
+    fn batch_defaults_fill_only_missing_keys() {
+        let mut message = parse(json!({
+            "type": "track", "event": "E", "userId": "u",
+            "context": {"ip": "1.1.1.1"}
+        }));
+        let context = json!({"ip": "2.2.2.2", "library": {"name": "lib"}});
+        let integrations = json!({"All": false});
+        message.merge_batch_defaults(context.as_object(), integrations.as_object());
+        let common = message.common();
+        assert_eq!(
+            Value::Object(common.context.clone().expect("context")),
+            json!({"ip": "1.1.1.1", "library": {"name": "lib"}})
+        );
+        assert_eq!(
+            Value::Object(common.integrations.clone().expect("integrations")),
+            json!({"All": false})
+        );
+    }
+
+    #[test]
+    fn message_type_names() {
+        for kind in MessageType::ALL {
+            assert_eq!(kind.as_str().parse::<MessageType>(), Ok(kind));
+        }
+        assert!("click".parse::<MessageType>().is_err());
+    }
+}
