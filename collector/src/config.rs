@@ -15,7 +15,7 @@ pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 60 * 60)
 
 /// Memory sled may use for its page cache by default, in bytes. Kept small so that the
 /// collector's footprint stays low; sled reads what falls out of it from disk.
-pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Everything a collector needs to start.
 #[derive(Debug, Clone, Parser)]

@@ -253,8 +253,20 @@ fn prepare(
 }
 
 /// Sets `messageId` when missing, `receivedAt`, the clock-skew-corrected `timestamp`
-/// (keeping the client's as `originalTimestamp`) and `context.ip` when missing.
+/// (keeping the client's as `originalTimestamp`) and `context.ip` when missing. An
+/// identify whose traits came only in `context.traits` (RudderStack's SDKs send them
+/// there) gets them as `traits` too, where Segment's spec and later stages look.
 fn enrich(message: &mut Message, batch_sent_at: Option<Timestamp>, context: &RequestContext) {
+    if let Message::Identify(identify) = message
+        && identify.traits.as_ref().is_none_or(Map::is_empty)
+        && let Some(Value::Object(traits)) = identify
+            .common
+            .context
+            .as_ref()
+            .and_then(|c| c.get("traits"))
+    {
+        identify.traits = Some(traits.clone());
+    }
     let common = message.common_mut();
     if common.message_id.is_none() {
         common.message_id = Some(uuid::Uuid::new_v4().to_string());
@@ -454,6 +466,30 @@ mod tests {
             out["timestamp"],
             json!("2024-01-01T09:00:00Z"),
             "no sentAt, no correction"
+        );
+    }
+
+    #[test]
+    fn identify_traits_sent_in_context_are_lifted() {
+        let out = enriched(
+            json!({"type": "identify", "userId": "u", "context": {"traits": {"email": "a@b.c"}}}),
+            None,
+        );
+        assert_eq!(out["traits"], json!({"email": "a@b.c"}));
+        assert_eq!(
+            out["context"]["traits"],
+            json!({"email": "a@b.c"}),
+            "context is kept"
+        );
+        let out = enriched(
+            json!({"type": "identify", "userId": "u", "traits": {"plan": "pro"},
+                   "context": {"traits": {"email": "a@b.c"}}}),
+            None,
+        );
+        assert_eq!(
+            out["traits"],
+            json!({"plan": "pro"}),
+            "the event's own traits win"
         );
     }
 

@@ -2,15 +2,17 @@
 //! event through an ordered list of [`Stage`]s.
 //!
 //! Stages are small and per event: each looks at one [`StoredEvent`], may change it, and
-//! answers [`Outcome::Continue`] or [`Outcome::Drop`] with a reason. This stages
-//! are [`Deduplicate`] and [`Persist`]; cleaning, identity, segments and activation join
-//! the same list later.
+//! answers [`Outcome::Continue`] or [`Outcome::Drop`] with a reason. The first stage is
+//! [`Deduplicate`]; cleaning, identity, segments and activation join the same list later.
 //!
-//! Crash safety: a chunk's effects are written, then the checkpoint with the counters in
-//! one atomic batch, then a flush, and only then is the log trimmed. A crash anywhere
-//! replays the chunk from the old checkpoint, and every stage's effect is idempotent for
-//! the same `seq` (deduplication claims are keyed to it, events are stored under it), so
-//! a replay has no duplicate effects.
+//! Storing is the runner's last step, not a stage, because the log is also the event
+//! store: an event that passed every stage is indexed (and written back in place if a
+//! stage changed it), one a stage dropped is removed, and the entries up to the
+//! checkpoint are the stored events. The chunk's index writes go in sorted batches. Crash safety: a chunk's effects are written first, then the checkpoint with
+//! the counters in one atomic batch, then a flush. A crash anywhere replays the chunk
+//! from the old checkpoint, and every effect is idempotent for the same `seq`
+//! (deduplication claims and index entries are keyed to it), so a replay has no
+//! duplicate effects.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -21,7 +23,7 @@ use tokio::sync::broadcast;
 
 use crate::error::StoreError;
 use crate::stats::{DUPLICATE, Stats};
-use crate::store::{Store, StoredEvent};
+use crate::store::{Settlement, Store, StoredEvent};
 
 /// How many log entries one pipeline pass takes.
 const CHUNK_EVENTS: usize = 2_000;
@@ -94,30 +96,6 @@ impl Stage for Deduplicate {
         } else {
             Outcome::Continue
         })
-    }
-}
-
-/// Stores the event and indexes it for lookups.
-#[derive(Debug)]
-pub struct Persist {
-    store: Arc<Store>,
-}
-
-impl Persist {
-    /// A stage storing events in `store`.
-    pub fn new(store: Arc<Store>) -> Self {
-        Persist { store }
-    }
-}
-
-impl Stage for Persist {
-    fn name(&self) -> &'static str {
-        "persist"
-    }
-
-    fn process(&self, event: &mut StoredEvent) -> Result<Outcome, StoreError> {
-        self.store.put_event(event)?;
-        Ok(Outcome::Continue)
     }
 }
 
@@ -231,31 +209,35 @@ impl Pipeline {
         };
         let count = entries.len();
         let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+        let mut settlement = Settlement::default();
         let mut live = Vec::new();
         let watching = self.live.receiver_count() > 0;
-        for (seq, decoded) in entries {
-            let mut event = match decoded {
+        for (seq, value) in entries {
+            let mut event = match StoredEvent::decode(seq, &value) {
                 Ok(event) => event,
                 Err(error) => {
-                    tracing::warn!(seq, %error, "skipping an undecodable log record");
+                    tracing::warn!(seq, %error, "dropping an undecodable log record");
                     *dropped.entry(CORRUPT_RECORD.to_owned()).or_default() += 1;
+                    settlement.remove(seq);
                     continue;
                 }
             };
-            match self.run_stages(&mut event)? {
-                Outcome::Drop(reason) => *dropped.entry(reason.to_owned()).or_default() += 1,
-                Outcome::Continue if watching => {
-                    live.push(Arc::from(serde_json::to_string(&event)?));
-                }
-                Outcome::Continue => {}
+            if let Outcome::Drop(reason) = self.run_stages(&mut event)? {
+                *dropped.entry(reason.to_owned()).or_default() += 1;
+                settlement.remove(seq);
+                continue;
+            }
+            settlement.keep(&event, &value)?;
+            if watching {
+                live.push(Arc::from(serde_json::to_string(&event)?));
             }
         }
+        self.store.settle(settlement)?;
         let mut counters = self.stats.pipeline();
         counters.add(count as u64, &dropped);
         self.store.commit_checkpoint(last, &counters)?;
         self.store.flush()?;
         self.stats.set_pipeline(counters);
-        self.store.trim_log(last)?;
         for event in live {
             // No subscriber left is fine: the live tail is best effort.
             let _ = self.live.send(event);

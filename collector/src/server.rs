@@ -20,7 +20,7 @@ use tower_http::cors::CorsLayer;
 
 use crate::config::Config;
 use crate::error::{ApiError, StoreError};
-use crate::pipeline::{Deduplicate, Persist, Pipeline, Stage, Wake};
+use crate::pipeline::{Deduplicate, Pipeline, Stage, Wake};
 use crate::ratelimit::RateLimiter;
 use crate::stats::Stats;
 use crate::store::Store;
@@ -148,10 +148,10 @@ impl Collector {
         let wake = Arc::new(Wake::default());
         let (live, _) = broadcast::channel(LIVE_BUFFER);
 
-        let stages: Vec<Box<dyn Stage>> = vec![
-            Box::new(Deduplicate::new(store.clone(), config.dedup_window)),
-            Box::new(Persist::new(store.clone())),
-        ];
+        let stages: Vec<Box<dyn Stage>> = vec![Box::new(Deduplicate::new(
+            store.clone(),
+            config.dedup_window,
+        ))];
         let pipeline = Pipeline::new(store.clone(), stats.clone(), stages, live.clone())
             .start(wake.clone())
             .map_err(|e| StoreError::Corrupt(format!("cannot start the pipeline: {e}")))?;

@@ -6,11 +6,13 @@
 //! backend can replace it without touching handlers or stages.
 //!
 //! Trees:
-//! - `log`: `seq` → `source_id \n message JSON`, appended by [`crate::writer`], trimmed
-//!   once the pipeline has processed and flushed past an entry.
-//! - `events`: `seq` → [`StoredEvent`] JSON, as the pipeline left it.
-//! - `by_message_id`, `by_user_id`, `by_anonymous_id`: lookup indexes.
-//! - `dedup`: `(messageId, source)` → the `seq` and receive time of its first event.
+//! - `log`: `seq` → `source_id \n message JSON`. The log is also the event store: the
+//!   writer appends, the pipeline rewrites an entry a stage changed and removes one a
+//!   stage dropped; entries up to the checkpoint are the stored events.
+//! - `by_message_id`: `(messageId, source)` → receive time of the event holding it for
+//!   deduplication, its `seq`, and the `seq`s of earlier events with that id (outside
+//!   the window). Deduplication claims and `messageId` lookups in one point read.
+//! - `by_user_id`, `by_anonymous_id`: `(id, seq)` lookup indexes.
 //! - `meta`: checkpoint, counters, credentials.
 
 use std::path::Path;
@@ -18,7 +20,7 @@ use std::path::Path;
 use jiff::Timestamp;
 use kith_sdk_core::protocol::Message;
 use serde::{Deserialize, Serialize};
-use sled::{Batch, Tree};
+use sled::{Batch, IVec, Tree};
 
 use crate::error::StoreError;
 use crate::stats::{IngestCounters, PipelineCounters};
@@ -57,11 +59,9 @@ pub struct Store {
     db: sled::Db,
     meta: Tree,
     log: Tree,
-    events: Tree,
     by_message_id: Tree,
     by_user_id: Tree,
     by_anonymous_id: Tree,
-    dedup: Tree,
 }
 
 /// A `seq` as a sled key: big-endian, so keys sort in log order.
@@ -92,12 +92,6 @@ fn index_key(id: &str, seq: u64) -> Vec<u8> {
     key
 }
 
-fn message_id_key(message_id: &str, source: &str) -> Vec<u8> {
-    let mut key = id_prefix(message_id);
-    key.extend_from_slice(source.as_bytes());
-    key
-}
-
 fn millis(ts: Timestamp) -> i64 {
     ts.as_millisecond()
 }
@@ -117,11 +111,9 @@ impl Store {
         Ok(Store {
             meta: db.open_tree("meta")?,
             log: db.open_tree("log")?,
-            events: db.open_tree("events")?,
             by_message_id: db.open_tree("by_message_id")?,
             by_user_id: db.open_tree("by_user_id")?,
             by_anonymous_id: db.open_tree("by_anonymous_id")?,
-            dedup: db.open_tree("dedup")?,
             db,
         })
     }
@@ -197,19 +189,12 @@ impl Store {
         seq_key(seq)
     }
 
-    /// Up to `limit` log entries after `after`, decoded. An entry that cannot be decoded
-    /// is returned as an error value in its place, so that one bad record cannot block
-    /// the log.
+    /// Up to `limit` log entries after `after`, as stored (see [`StoredEvent::decode`]).
     ///
     /// # Errors
     ///
     /// On a storage failure.
-    #[allow(clippy::type_complexity)]
-    pub fn read_log(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Result<StoredEvent, StoreError>)>, StoreError> {
+    pub fn read_log(&self, after: u64, limit: usize) -> Result<Vec<(u64, IVec)>, StoreError> {
         let mut out = Vec::new();
         for entry in self
             .log
@@ -217,23 +202,50 @@ impl Store {
             .take(limit)
         {
             let (key, value) = entry?;
-            let seq = seq_from(&key)?;
-            out.push((seq, decode_log_value(seq, &value)));
+            out.push((seq_from(&key)?, value));
         }
         Ok(out)
     }
 
-    /// Removes log entries up to and including `through`.
+    /// Writes what a pipeline chunk leaves behind: the index entries of the events it
+    /// kept (sorted, one batch per tree), the events stages changed, and the removal of
+    /// those stages dropped. Idempotent, so a replayed chunk settles the same.
     ///
     /// # Errors
     ///
     /// On a storage failure.
-    pub fn trim_log(&self, through: u64) -> Result<(), StoreError> {
-        let mut batch = Batch::default();
-        for key in self.log.range(..=seq_key(through)).keys() {
-            batch.remove(key?);
+    pub fn settle(&self, settlement: Settlement) -> Result<(), StoreError> {
+        let Settlement {
+            mut by_user_id,
+            mut by_anonymous_id,
+            rewritten,
+            removed,
+        } = settlement;
+        for (tree, keys) in [
+            (&self.by_user_id, &mut by_user_id),
+            (&self.by_anonymous_id, &mut by_anonymous_id),
+        ] {
+            if keys.is_empty() {
+                continue;
+            }
+            // Sorted keys land on neighbouring leaves one after another.
+            keys.sort_unstable();
+            let mut batch = Batch::default();
+            for key in keys.drain(..) {
+                batch.insert(key, &[]);
+            }
+            tree.apply_batch(batch)?;
         }
-        self.log.apply_batch(batch)?;
+        if !rewritten.is_empty() || !removed.is_empty() {
+            let mut batch = Batch::default();
+            for (seq, value) in rewritten {
+                batch.insert(&seq_key(seq), value);
+            }
+            for seq in removed {
+                batch.remove(&seq_key(seq));
+            }
+            self.log.apply_batch(batch)?;
+        }
         Ok(())
     }
 
@@ -295,8 +307,10 @@ impl Store {
     }
 
     /// Claims `(source, messageId)` for the event at `seq`. Answers `true` when another
-    /// event already holds it within `window_ms` of `received`: a duplicate. Claiming is
-    /// idempotent for the same `seq`, so a pipeline replay after a crash is no duplicate.
+    /// event holds it since less than `window_ms` before `received`: a duplicate, which
+    /// claims nothing. Claiming is idempotent for the same `seq`, so a pipeline replay
+    /// after a crash is no duplicate. One point read, at most one write: this runs per
+    /// event.
     ///
     /// # Errors
     ///
@@ -309,49 +323,23 @@ impl Store {
         received: Timestamp,
         window_ms: i64,
     ) -> Result<bool, StoreError> {
-        let key = message_id_key(message_id, source);
-        if let Some(value) = self.dedup.get(&key)? {
-            let holder = seq_from(&value)?;
-            let held_at = value
-                .get(8..16)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(i64::from_be_bytes)
-                .ok_or_else(|| StoreError::Corrupt("short message id entry".to_owned()))?;
-            if holder == seq {
+        let mut key = id_prefix(message_id);
+        key.extend_from_slice(source.as_bytes());
+        let mut value = millis(received).to_be_bytes().to_vec();
+        value.extend_from_slice(&seq_key(seq));
+        if let Some(held) = self.by_message_id.get(&key)? {
+            let (held_at, holders) = decode_claim(&held)?;
+            if holders.contains(&seq) {
                 return Ok(false);
             }
             if millis(received).saturating_sub(held_at) < window_ms {
                 return Ok(true);
             }
+            // Outside the window: this event takes the id over; earlier ones stay findable.
+            value.extend_from_slice(&held[8..]);
         }
-        let mut value = seq_key(seq).to_vec();
-        value.extend_from_slice(&millis(received).to_be_bytes());
-        self.dedup.insert(key, value)?;
+        self.by_message_id.insert(key, value)?;
         Ok(false)
-    }
-
-    /// Stores an event and its index entries. Idempotent: storing the same `seq` again
-    /// overwrites it.
-    ///
-    /// # Errors
-    ///
-    /// On a storage or encoding failure.
-    pub fn put_event(&self, event: &StoredEvent) -> Result<(), StoreError> {
-        self.events
-            .insert(seq_key(event.seq), serde_json::to_vec(event)?)?;
-        let common = event.message.common();
-        if let Some(message_id) = &common.message_id {
-            self.by_message_id
-                .insert(index_key(message_id, event.seq), &[])?;
-        }
-        if let Some(user_id) = &common.user_id {
-            self.by_user_id.insert(index_key(user_id, event.seq), &[])?;
-        }
-        if let Some(anonymous_id) = &common.anonymous_id {
-            self.by_anonymous_id
-                .insert(index_key(anonymous_id, event.seq), &[])?;
-        }
-        Ok(())
     }
 
     /// Stored events matching `filter`, newest first, with `seq` below `before` when
@@ -366,10 +354,13 @@ impl Store {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let before = before.unwrap_or(u64::MAX);
+        // Entries past the checkpoint are not processed yet: not stored events.
+        let before = before
+            .unwrap_or(u64::MAX)
+            .min(self.checkpoint()?.saturating_add(1));
         let seqs: Vec<u64> = match filter {
             EventFilter::All => self
-                .events
+                .log
                 .range(..seq_key(before))
                 .keys()
                 .rev()
@@ -378,15 +369,76 @@ impl Store {
                 .collect::<Result<_, _>>()?,
             EventFilter::UserId(id) => index_scan(&self.by_user_id, id, before, limit)?,
             EventFilter::AnonymousId(id) => index_scan(&self.by_anonymous_id, id, before, limit)?,
-            EventFilter::MessageId(id) => index_scan(&self.by_message_id, id, before, limit)?,
+            EventFilter::MessageId(id) => {
+                let mut seqs = Vec::new();
+                for claim in self.by_message_id.scan_prefix(id_prefix(id)).values() {
+                    seqs.extend(decode_claim(&claim?)?.1.into_iter().filter(|s| *s < before));
+                }
+                seqs.sort_unstable_by(|a, b| b.cmp(a));
+                seqs.truncate(limit);
+                seqs
+            }
         };
         let mut events = Vec::with_capacity(seqs.len());
         for seq in seqs {
-            if let Some(value) = self.events.get(seq_key(seq))? {
-                events.push(serde_json::from_slice(&value)?);
+            if let Some(value) = self.log.get(seq_key(seq))? {
+                events.push(StoredEvent::decode(seq, &value)?);
             }
         }
         Ok(events)
+    }
+}
+
+/// A `by_message_id` value: receive time of the holder, then the `seq`s holding the id,
+/// the current holder first.
+fn decode_claim(value: &[u8]) -> Result<(i64, Vec<u64>), StoreError> {
+    let corrupt = || StoreError::Corrupt("bad message id entry".to_owned());
+    let (held_at, seqs) = value.split_first_chunk::<8>().ok_or_else(corrupt)?;
+    if seqs.is_empty() || seqs.len() % 8 != 0 {
+        return Err(corrupt());
+    }
+    let seqs = seqs
+        .chunks_exact(8)
+        .map(seq_from)
+        .collect::<Result<_, _>>()?;
+    Ok((i64::from_be_bytes(*held_at), seqs))
+}
+
+/// What one pipeline chunk leaves behind, gathered for [`Store::settle`].
+#[derive(Debug, Default)]
+pub struct Settlement {
+    by_user_id: Vec<Vec<u8>>,
+    by_anonymous_id: Vec<Vec<u8>>,
+    rewritten: Vec<(u64, Vec<u8>)>,
+    removed: Vec<u64>,
+}
+
+impl Settlement {
+    /// Keeps an event that passed every stage: indexes it, and writes it back when the
+    /// stages changed it from its log entry `original`.
+    ///
+    /// # Errors
+    ///
+    /// When the event cannot be encoded.
+    pub fn keep(&mut self, event: &StoredEvent, original: &[u8]) -> Result<(), StoreError> {
+        let common = event.message.common();
+        if let Some(user_id) = &common.user_id {
+            self.by_user_id.push(index_key(user_id, event.seq));
+        }
+        if let Some(anonymous_id) = &common.anonymous_id {
+            self.by_anonymous_id
+                .push(index_key(anonymous_id, event.seq));
+        }
+        let encoded = event.encode()?;
+        if encoded != original {
+            self.rewritten.push((event.seq, encoded));
+        }
+        Ok(())
+    }
+
+    /// Removes the log entry of an event a stage dropped.
+    pub fn remove(&mut self, seq: u64) {
+        self.removed.push(seq);
     }
 }
 
@@ -402,18 +454,37 @@ fn index_scan(tree: &Tree, id: &str, before: u64, limit: usize) -> Result<Vec<u6
     Ok(seqs)
 }
 
-fn decode_log_value(seq: u64, value: &[u8]) -> Result<StoredEvent, StoreError> {
-    let split = value
-        .iter()
-        .position(|b| *b == b'\n')
-        .ok_or_else(|| StoreError::Corrupt(format!("log entry {seq} has no source")))?;
-    let source = std::str::from_utf8(&value[..split])
-        .map_err(|_| StoreError::Corrupt(format!("log entry {seq} has a bad source")))?;
-    Ok(StoredEvent {
-        seq,
-        source: source.to_owned(),
-        message: serde_json::from_slice(&value[split + 1..])?,
-    })
+impl StoredEvent {
+    /// Decodes a log entry's value.
+    ///
+    /// # Errors
+    ///
+    /// When the entry is not `source \n message JSON`.
+    pub fn decode(seq: u64, value: &[u8]) -> Result<Self, StoreError> {
+        let split = value
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or_else(|| StoreError::Corrupt(format!("log entry {seq} has no source")))?;
+        let source = std::str::from_utf8(&value[..split])
+            .map_err(|_| StoreError::Corrupt(format!("log entry {seq} has a bad source")))?;
+        Ok(StoredEvent {
+            seq,
+            source: source.to_owned(),
+            message: serde_json::from_slice(&value[split + 1..])?,
+        })
+    }
+
+    /// Encodes the event as a log entry's value.
+    ///
+    /// # Errors
+    ///
+    /// When the message cannot be serialized.
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        Ok(Store::log_value(
+            &self.source,
+            &serde_json::to_vec(&self.message)?,
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -439,28 +510,71 @@ mod tests {
         (dir, store)
     }
 
-    #[test]
-    fn log_round_trip_checkpoint_and_trim() {
-        let (_dir, store) = open();
+    fn append(store: &Store, events: &[StoredEvent]) {
         let mut batch = Batch::default();
-        for seq in 1..=3 {
-            let json =
-                serde_json::to_vec(&event(seq, "u", &format!("m{seq}")).message).expect("json");
-            batch.insert(&Store::log_key(seq), Store::log_value("src", &json));
+        for event in events {
+            batch.insert(&Store::log_key(event.seq), event.encode().expect("encode"));
         }
-        batch.insert(&Store::log_key(4), b"garbage".to_vec());
         store.append(batch).expect("append");
+    }
+
+    #[test]
+    fn log_round_trip_settle_and_checkpoint() {
+        let (_dir, store) = open();
+        append(
+            &store,
+            &(1..=3)
+                .map(|seq| event(seq, "u", &format!("m{seq}")))
+                .collect::<Vec<_>>(),
+        );
+        let mut garbage = Batch::default();
+        garbage.insert(&Store::log_key(4), b"garbage".to_vec());
+        store.append(garbage).expect("append");
         let read = store.read_log(1, 10).expect("read");
-        assert_eq!(read.len(), 3);
-        assert_eq!(read[0].1.as_ref().expect("decoded").seq, 2);
-        assert!(matches!(read[2], (4, Err(StoreError::Corrupt(_)))));
+        assert_eq!(
+            read.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            [2, 3, 4]
+        );
+        let decoded = StoredEvent::decode(2, &read[0].1).expect("decodes");
+        assert_eq!(decoded, event(2, "u", "m2"));
+        assert_eq!(
+            decoded.encode().expect("encode"),
+            read[0].1.to_vec(),
+            "stable encoding"
+        );
+        assert!(matches!(
+            StoredEvent::decode(4, &read[2].1),
+            Err(StoreError::Corrupt(_))
+        ));
+        let read = store.read_log(0, 2).expect("read");
         assert_eq!(store.last_seq().expect("last"), 4);
+
+        let mut changed = event(3, "changed", "m3");
+        changed.source = "other".into();
+        let mut settlement = Settlement::default();
+        settlement
+            .keep(&event(1, "u", "m1"), &read[0].1)
+            .expect("keep");
+        settlement.keep(&changed, &read[1].1).expect("keep");
+        settlement.remove(2);
+        settlement.remove(4);
+        assert_eq!(
+            settlement.rewritten.len(),
+            1,
+            "only the changed event is rewritten"
+        );
+        store.settle(settlement).expect("settle");
+        let read = store.read_log(0, 10).expect("read");
+        assert_eq!(read.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(
+            StoredEvent::decode(3, &read[1].1).expect("decodes"),
+            changed
+        );
         store
             .commit_checkpoint(4, &PipelineCounters::default())
             .expect("checkpoint");
-        store.trim_log(4).expect("trim");
-        assert!(store.read_log(0, 10).expect("read").is_empty());
-        assert_eq!(store.last_seq().expect("last"), 4, "seq survives trimming");
+        assert_eq!(store.checkpoint().expect("checkpoint"), 4);
+        assert_eq!(store.last_seq().expect("last"), 4, "seq survives removals");
     }
 
     #[test]
@@ -493,23 +607,57 @@ mod tests {
                 .claim_message_id("s", "m", 4, later, 60_000)
                 .expect("expired")
         );
+        assert!(
+            store
+                .claim_message_id("s", "m", 5, later, 60_000)
+                .expect("dup of 4")
+        );
+        assert!(
+            !store
+                .claim_message_id("s", "m-other", 6, t0, 60_000)
+                .expect("other id")
+        );
+        assert!(
+            !store
+                .claim_message_id("s", "m-", 7, t0, 60_000)
+                .expect("a prefix is no dup")
+        );
     }
 
     #[test]
     fn queries_by_index_newest_first_with_paging() {
         let (_dir, store) = open();
-        for seq in 1..=5 {
-            let user = if seq % 2 == 0 { "even" } else { "odd" };
+        let events: Vec<_> = (1..=6)
+            .map(|seq| {
+                event(
+                    seq,
+                    if seq % 2 == 0 { "even" } else { "odd" },
+                    &format!("m{seq}"),
+                )
+            })
+            .collect();
+        append(&store, &events);
+        let mut settlement = Settlement::default();
+        for event in &events[..5] {
+            settlement
+                .keep(event, &event.encode().expect("encode"))
+                .expect("keep");
+            let id = event.message.common().message_id.clone().expect("id");
             store
-                .put_event(&event(seq, user, &format!("m{seq}")))
-                .expect("put");
-            store
-                .claim_message_id("src", &format!("m{seq}"), seq, Timestamp::UNIX_EPOCH, 1)
+                .claim_message_id("src", &id, event.seq, Timestamp::UNIX_EPOCH, 1)
                 .expect("claim");
         }
+        store.settle(settlement).expect("settle");
+        store
+            .commit_checkpoint(5, &PipelineCounters::default())
+            .expect("checkpoint");
         let seqs = |events: Vec<StoredEvent>| events.iter().map(|e| e.seq).collect::<Vec<_>>();
         let q = |f: EventFilter, before, limit| store.query(&f, before, limit).expect("query");
-        assert_eq!(seqs(q(EventFilter::All, None, 10)), [5, 4, 3, 2, 1]);
+        assert_eq!(
+            seqs(q(EventFilter::All, None, 10)),
+            [5, 4, 3, 2, 1],
+            "6 is not processed"
+        );
         assert_eq!(seqs(q(EventFilter::All, Some(4), 2)), [3, 2]);
         assert_eq!(
             seqs(q(EventFilter::UserId("odd".into()), None, 10)),

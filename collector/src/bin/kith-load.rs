@@ -1,0 +1,242 @@
+//! `kith-load`: the collector's load tool. It measures, in one run on one machine:
+//!
+//! 1. the raw sled write rate for the same events under the same flush policy (each
+//!    client's batch is durable before its next one), as the baseline;
+//! 2. the durable ingest rate of the real `kith-collector` binary over HTTP: concurrent
+//!    clients posting 100-event batches to `/v1/batch`, each waiting for its 200;
+//! 3. the collector's peak RSS under that load (VmHWM), and how long its pipeline takes
+//!    to catch up afterwards.
+//!
+//! Run: `cargo run --release -p kith-collector --bin kith-load -- --events 500000`.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{Value, json};
+
+const WRITE_KEY: &str = "load-write-key";
+const ADMIN_TOKEN: &str = "load-admin-token";
+
+/// Load-test the collector against the raw sled baseline.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Events to send in each measurement.
+    #[arg(long, default_value_t = 500_000)]
+    events: usize,
+    /// Events per batch request.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// The collector binary (default: `kith-collector` next to this tool).
+    #[arg(long)]
+    collector: Option<PathBuf>,
+}
+
+/// One realistic analytics.js-style track event, about 600 bytes of JSON.
+fn event(n: usize) -> Value {
+    json!({
+        "type": "track",
+        "event": "Product Added",
+        "messageId": format!("load-{n:012}"),
+        "anonymousId": format!("anon-{}", n % 10_000),
+        "userId": format!("user-{}", n % 5_000),
+        "timestamp": "2026-11-29T12:00:00.000Z",
+        "sentAt": "2026-11-29T12:00:00.100Z",
+        "properties": {"product_id": format!("sku-{}", n % 997), "name": "Monopoly: 3rd Edition",
+                       "price": 18.99, "quantity": 1, "currency": "USD", "category": "Games"},
+        "context": {
+            "library": {"name": "analytics.js", "version": "next-1.70.0"},
+            "page": {"path": "/products/monopoly", "url": "https://shop.example/products/monopoly",
+                     "referrer": "https://search.example/?q=board+games", "title": "Monopoly"},
+            "userAgent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/126.0 Safari/537.36",
+            "locale": "en-US"
+        }
+    })
+}
+
+fn bodies(args: &Args) -> Vec<String> {
+    (0..args.events.div_ceil(args.batch))
+        .map(|b| {
+            let batch: Vec<Value> = (b * args.batch..((b + 1) * args.batch).min(args.events))
+                .map(event)
+                .collect();
+            json!({"batch": batch}).to_string()
+        })
+        .collect()
+}
+
+/// Runs `work(batch_index)` on `clients` threads until every batch is done; events/s.
+fn run_clients(
+    clients: usize,
+    batches: usize,
+    events: usize,
+    work: impl Fn(usize) + Send + Sync,
+) -> f64 {
+    let next = AtomicUsize::new(0);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..clients {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= batches {
+                        break;
+                    }
+                    work(i);
+                }
+            });
+        }
+    });
+    events as f64 / started.elapsed().as_secs_f64()
+}
+
+fn raw_sled_rate(args: &Args, events: &[Vec<Vec<u8>>]) -> f64 {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = sled::Config::new()
+        .path(dir.path())
+        .cache_capacity(kith_collector::config::DEFAULT_CACHE_BYTES)
+        .open()
+        .expect("sled opens");
+    let log = db.open_tree("log").expect("tree");
+    let seq = AtomicU64::new(0);
+    run_clients(args.clients, events.len(), args.events, |i| {
+        let mut batch = sled::Batch::default();
+        for event in &events[i] {
+            batch.insert(
+                &seq.fetch_add(1, Ordering::Relaxed).to_be_bytes(),
+                event.as_slice(),
+            );
+        }
+        log.apply_batch(batch).expect("sled write");
+        db.flush().expect("sled flush");
+    })
+}
+
+fn start_collector(path: &PathBuf, data_dir: &std::path::Path) -> (Child, String) {
+    let mut child = Command::new(path)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--write-key",
+            WRITE_KEY,
+            "--admin-token",
+            ADMIN_TOKEN,
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("collector printed its address")
+            .expect("line");
+        if let Some(url) = line.strip_prefix("listening on ") {
+            break url.to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, url)
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(f64::NAN);
+    kib / 1024.0
+}
+
+fn main() {
+    let args = Args::parse();
+    let collector = args.collector.clone().unwrap_or_else(|| {
+        let me = std::env::current_exe().expect("own path");
+        me.with_file_name("kith-collector")
+    });
+    println!(
+        "kith-load: {} events in {}-event batches, {} concurrent clients, {} cores",
+        args.events,
+        args.batch,
+        args.clients,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    let bodies = bodies(&args);
+    let encoded: Vec<Vec<Vec<u8>>> = bodies
+        .iter()
+        .map(|body| {
+            let value: Value = serde_json::from_str(body).expect("own json");
+            value["batch"]
+                .as_array()
+                .expect("batch")
+                .iter()
+                .map(|e| serde_json::to_vec(e).expect("json"))
+                .collect()
+        })
+        .collect();
+
+    let raw = raw_sled_rate(&args, &encoded);
+    println!("raw sled (apply_batch + flush per batch): {raw:.0} events/s");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, url) = start_collector(&collector, dir.path());
+    let http = reqwest::blocking::Client::builder()
+        .pool_max_idle_per_host(args.clients)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let failures = AtomicUsize::new(0);
+    let ingest = run_clients(args.clients, bodies.len(), args.events, |i| {
+        let response = http
+            .post(format!("{url}/v1/batch"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .header("content-type", "application/json")
+            .body(bodies[i].clone())
+            .send();
+        if !matches!(response, Ok(r) if r.status() == 200) {
+            failures.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let rss_under_load = peak_rss_mib(child.id());
+    let drain_started = Instant::now();
+    let stats = loop {
+        let stats: Value = http
+            .get(format!("{url}/v1/stats"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .and_then(|r| r.json())
+            .expect("stats");
+        if stats["pending"] == 0 {
+            break stats;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let drain = drain_started.elapsed();
+    let rss_after_drain = peak_rss_mib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+
+    println!("collector durable ingest over HTTP: {ingest:.0} events/s");
+    println!("ratio ingest / raw sled: {:.2}", ingest / raw);
+    println!("collector peak RSS (VmHWM) under load: {rss_under_load:.1} MiB");
+    println!(
+        "pipeline caught up {:.2} s after the last 200; peak RSS then {rss_after_drain:.1} MiB",
+        drain.as_secs_f64()
+    );
+    println!(
+        "failed requests: {}; accepted {}, stored {}",
+        failures.load(Ordering::Relaxed),
+        stats["accepted"],
+        stats["stored"]
+    );
+}

@@ -1,0 +1,220 @@
+//! Kill -9 under load: the real `kith-collector` binary takes concurrent batches, is
+//! killed with SIGKILL at random moments and restarted on the same data; clients resend
+//! what was not acknowledged (as SDKs do). In the end every acknowledged `messageId` is
+//! stored exactly once.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Value, json};
+
+const WRITE_KEY: &str = "crash-write-key";
+const ADMIN_TOKEN: &str = "crash-admin-token";
+const KILL_CYCLES: usize = 4;
+const CLIENTS: usize = 4;
+const BATCH_EVENTS: usize = 100;
+
+/// A small deterministic generator, seeded per run and printed so a failure can be
+/// replayed.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn start(data_dir: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kith-collector"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--write-key",
+            WRITE_KEY,
+            "--admin-token",
+            ADMIN_TOKEN,
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("collector starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("collector printed its address")
+            .expect("line");
+        if let Some(url) = line.strip_prefix("listening on ") {
+            break url.to_owned();
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, url)
+}
+
+fn client(id: usize, url: &RwLock<String>, acked: &Mutex<HashSet<String>>, stop: &AtomicBool) {
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let mut batch_no = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let ids: Vec<String> = (0..BATCH_EVENTS)
+            .map(|i| format!("c{id}-b{batch_no}-e{i}"))
+            .collect();
+        let body = json!({"batch": ids.iter().map(|m| json!({
+            "type": "track", "event": "Crash Test", "userId": format!("user-{id}"), "messageId": m
+        })).collect::<Vec<_>>()})
+        .to_string();
+        // Resend the same batch until it is acknowledged, as an SDK would.
+        loop {
+            let target = format!("{}/v1/batch", url.read().expect("url lock"));
+            let sent = http
+                .post(target)
+                .basic_auth(WRITE_KEY, Some(""))
+                .body(body.clone())
+                .send();
+            if matches!(&sent, Ok(r) if r.status() == 200) {
+                acked
+                    .lock()
+                    .expect("acked lock")
+                    .extend(ids.iter().cloned());
+                break;
+            }
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        batch_no += 1;
+    }
+}
+
+fn all_stored(http: &reqwest::blocking::Client, url: &str) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let stats: Value = http
+            .get(format!("{url}/v1/stats"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .expect("stats")
+            .json()
+            .expect("json");
+        if stats["pending"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pipeline did not catch up: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut events = Vec::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let mut query = format!("{url}/v1/events?limit=1000");
+        if let Some(b) = before {
+            query.push_str(&format!("&before={b}"));
+        }
+        let page: Value = http
+            .get(query)
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .expect("events")
+            .json()
+            .expect("json");
+        events.extend(page["events"].as_array().expect("array").iter().cloned());
+        match page["next_before"].as_u64() {
+            Some(next) => before = Some(next),
+            None => return events,
+        }
+    }
+}
+
+#[test]
+fn every_acknowledged_event_survives_sigkill_exactly_once() {
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64
+        | 1;
+    println!("crash test seed {seed}");
+    let mut rng = XorShift(seed);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, first_url) = start(dir.path());
+    let url = Arc::new(RwLock::new(first_url));
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|id| {
+            let (url, acked, stop) = (url.clone(), acked.clone(), stop.clone());
+            std::thread::spawn(move || client(id, &url, &acked, &stop))
+        })
+        .collect();
+
+    for cycle in 0..KILL_CYCLES {
+        // Let load build (at least one acknowledged batch), then kill at a random moment.
+        let floor = acked.lock().expect("lock").len();
+        while acked.lock().expect("lock").len() == floor {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(rng.next() % 400));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+        println!(
+            "cycle {cycle}: killed with {} acknowledged",
+            acked.lock().expect("lock").len()
+        );
+        let (next, next_url) = start(dir.path());
+        child = next;
+        *url.write().expect("lock") = next_url;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().expect("client thread");
+    }
+
+    let http = reqwest::blocking::Client::new();
+    let stored = all_stored(&http, &url.read().expect("lock"));
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for event in &stored {
+        let id = event["message"]["messageId"]
+            .as_str()
+            .expect("messageId")
+            .to_owned();
+        *counts.entry(id).or_default() += 1;
+    }
+    let acked = acked.lock().expect("lock");
+    assert!(
+        acked.len() >= KILL_CYCLES * BATCH_EVENTS,
+        "load was too light"
+    );
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|id| !counts.contains_key(*id))
+        .take(5)
+        .collect();
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(doubled.is_empty(), "stored more than once: {doubled:?}");
+    println!(
+        "{} acknowledged, {} stored, each exactly once",
+        acked.len(),
+        stored.len()
+    );
+    child.kill().expect("stop");
+    child.wait().expect("reaped");
+}
