@@ -218,3 +218,33 @@ fn every_acknowledged_event_survives_sigkill_exactly_once() {
     child.kill().expect("stop");
     child.wait().expect("reaped");
 }
+
+#[test]
+fn sigterm_drains_flushes_and_exits_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, url) = start(dir.path());
+    let http = reqwest::blocking::Client::new();
+    let body = json!({"batch": (0..50).map(|i| json!({
+        "type": "track", "event": "Before Shutdown", "userId": "u", "messageId": format!("t{i}")
+    })).collect::<Vec<_>>()});
+    let sent = http
+        .post(format!("{url}/v1/batch"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .body(body.to_string())
+        .send()
+        .expect("sent");
+    assert_eq!(sent.status(), 200);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let exit = child.wait().expect("collector exits");
+    assert!(exit.success(), "graceful shutdown exits 0, got {exit}");
+
+    let (mut child, url) = start(dir.path());
+    let stored = all_stored(&http, &url);
+    assert_eq!(stored.len(), 50);
+    child.kill().expect("stop");
+    child.wait().expect("reaped");
+}
