@@ -4,10 +4,25 @@
 //! collector parses requests with its [`protocol`] types, so SDKs and collector speak
 //! exactly the same Segment-spec wire format.
 //!
-//! - [`protocol`]: the wire types (`track`, `identify`, `page`, `screen`, `group`,
-//!   `alias`), their validation rules and limits. No I/O.
+//! - [`protocol`]: the wire types, their validation rules and limits.
+//! - [`queue`]: the durable queue's state and the [`queue::EventStore`] trait, with an
+//!   in-memory store; [`file_store`]: the append-only file store.
+//! - [`engine`]: capture, batching and the upload state machine (no I/O: the platform
+//!   asks what to send and reports back).
+//! - [`retry`]: backoff timing.
+//! - `native` (not on wasm): a thread-safe [`native::Client`] and the uploader thread
+//!   that does the HTTP for Rust programs and the mobile bindings.
 
+pub mod engine;
+pub mod file_store;
 pub mod protocol;
+pub mod queue;
+pub mod retry;
+
+// The one place where the browser build differs: it has no threads or blocking HTTP,
+// so the platform (sdk-wasm) drives the engine itself.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod native;
 
 /// This library's name, as sent in `context.library.name`.
 pub const LIBRARY_NAME: &str = "kith-sdk-core";

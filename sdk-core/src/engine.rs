@@ -1,0 +1,917 @@
+//! The client engine every Kith SDK runs: capture in Segment's terms, a durable queue,
+//! batching, and an upload state machine that does no I/O.
+//!
+//! The engine decides what to send and when; the platform does the request. A platform
+//! loop asks [`Engine::next_upload`] for an [`UploadTask`] (send this batch, wait this
+//! long, or nothing to do), performs the request, and reports the outcome with
+//! [`Engine::on_upload_result`]. Time comes in as an argument, so the engine is the same
+//! state machine in a browser, on a phone and in tests.
+//!
+//! Retry policy, by outcome: 2xx delivers the batch (events the collector rejected one
+//! by one are dropped with their reason); 413 splits the batch (a lone event is dropped
+//! as `too_large`); 429 and 503 wait for `Retry-After`; 401, 403 and 404 pause uploads
+//! for [`RetryPolicy::pause`] without losing events; other 4xx drop the batch as
+//! `rejected:<status>`; 5xx and network errors back off with full jitter. One batch is
+//! in flight at a time, and retry state is persisted, so a client never sends faster
+//! than one request per backoff interval, across restarts too.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine as _;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::protocol::{
+    Alias, Common, Group, Identify, Invalid, MAX_BATCH_BYTES, MAX_EVENT_BYTES, Map, Message,
+    Page, Screen, Track,
+};
+use crate::queue::{EventStore, Op, Outcome, QueuedEvent, StoreError};
+use crate::retry::RetryPolicy;
+use crate::{LIBRARY_NAME, LIBRARY_VERSION};
+
+/// Events per batch by default.
+pub const DEFAULT_BATCH_EVENTS: usize = 20;
+/// How long an event may wait for a batch to fill by default.
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+/// How many events the queue holds by default before evicting the oldest.
+pub const DEFAULT_QUEUE_EVENTS: usize = 10_000;
+/// How many bytes of events the queue holds by default before evicting the oldest.
+pub const DEFAULT_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+/// How old an event may get before it is dropped as `expired`, by default.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+/// A batch in flight longer than this is taken as lost (a network error).
+pub const IN_FLIGHT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Room kept in a batch body for the envelope around the events.
+const ENVELOPE_BYTES: usize = 256;
+
+const META_ANONYMOUS_ID: &str = "anonymousId";
+const META_USER_ID: &str = "userId";
+const META_TRAITS: &str = "traits";
+const META_RETRY: &str = "retry";
+const META_CONSENT: &str = "consent";
+
+/// Reasons events are dropped, as counted in [`Stats::dropped`].
+pub mod reason {
+    /// Older than [`super::Config::max_age`].
+    pub const EXPIRED: &str = "expired";
+    /// Pushed out of a full queue.
+    pub const EVICTED: &str = "evicted";
+    /// A lone event the collector answered 413 for.
+    pub const TOO_LARGE: &str = "too_large";
+    /// Its consent purpose was revoked.
+    pub const CONSENT_REVOKED: &str = "consent_revoked";
+}
+
+/// How the engine batches, retries and bounds its queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The source's write key.
+    pub write_key: String,
+    /// The collector's base URL, such as `http://127.0.0.1:8787`.
+    pub endpoint: String,
+    /// A batch is sent once it has this many events.
+    pub max_batch_events: usize,
+    /// A batch body is at most this many bytes.
+    pub max_batch_bytes: usize,
+    /// A batch is sent once its oldest event waited this long.
+    pub flush_interval: Duration,
+    /// The queue holds at most this many events (oldest evicted first).
+    pub max_queue_events: usize,
+    /// The queue holds at most this many bytes of events (oldest evicted first).
+    pub max_queue_bytes: usize,
+    /// Events older than this are dropped as `expired`.
+    pub max_age: Duration,
+    /// Retry timing.
+    pub retry: RetryPolicy,
+    /// Context the platform supplies (device, os, app, locale...), merged into every
+    /// event under the event's own context.
+    pub context: Map,
+}
+
+impl Config {
+    /// The defaults for a source's write key and a collector URL.
+    pub fn new(write_key: impl Into<String>, endpoint: impl Into<String>) -> Self {
+        Config {
+            write_key: write_key.into(),
+            endpoint: endpoint.into(),
+            max_batch_events: DEFAULT_BATCH_EVENTS,
+            max_batch_bytes: MAX_BATCH_BYTES,
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
+            max_queue_events: DEFAULT_QUEUE_EVENTS,
+            max_queue_bytes: DEFAULT_QUEUE_BYTES,
+            max_age: DEFAULT_MAX_AGE,
+            retry: RetryPolicy::default(),
+            context: Map::new(),
+        }
+    }
+}
+
+/// Per-call options of a capture.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CaptureOptions {
+    /// The consent purpose the event needs (held until granted, purged when revoked).
+    pub purpose: Option<String>,
+    /// Context for this event, over the platform's.
+    pub context: Option<Map>,
+    /// Destinations this event is for.
+    pub integrations: Option<Map>,
+    /// When it happened, if not now.
+    pub timestamp: Option<Timestamp>,
+}
+
+/// Why a capture was refused. Nothing was queued.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The event breaks the spec (a missing event name, group id...).
+    #[error("invalid event: {0}")]
+    Invalid(#[from] Invalid),
+    /// The event is larger than the collector accepts.
+    #[error("the event is {size} bytes; at most {MAX_EVENT_BYTES} are accepted")]
+    TooLarge {
+        /// Its serialized size.
+        size: usize,
+    },
+    /// The queue could not persist it.
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+}
+
+/// What a before-send plugin decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginAction {
+    /// Queue the (possibly changed) event.
+    Keep,
+    /// Drop it; it is counted as dropped with reason `plugin:<name>`.
+    Drop,
+}
+
+/// A before-send hook: enriches, changes or drops each event at capture.
+pub trait Plugin: Send {
+    /// The plugin's name, used in drop reasons.
+    fn name(&self) -> &str;
+    /// Sees each event before it is queued.
+    fn before_send(&self, message: &mut Message) -> PluginAction;
+}
+
+/// One request the platform should make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRequest {
+    /// Pass back to [`Engine::on_upload_result`].
+    pub batch_id: u64,
+    /// Where to POST.
+    pub url: String,
+    /// The `Authorization` header value.
+    pub authorization: String,
+    /// The JSON body.
+    pub body: String,
+    /// How many events the batch carries.
+    pub events: usize,
+}
+
+/// What the platform should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadTask {
+    /// Make this request and report its result.
+    Send(UploadRequest),
+    /// Nothing to send before this much time has passed.
+    Wait(Duration),
+    /// Nothing to send until something is captured or flushed.
+    Idle,
+}
+
+/// The outcome of an upload request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadResult {
+    /// The collector answered with this status.
+    Response {
+        /// HTTP status.
+        status: u16,
+        /// The `Retry-After` header, in seconds, if any.
+        retry_after: Option<Duration>,
+        /// The response body, if read.
+        body: Option<String>,
+    },
+    /// No answer: connection refused, reset, timed out...
+    NetworkError(String),
+}
+
+/// Event accounting and upload state. `captured = delivered + dropped + pending`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Events captured.
+    pub captured: u64,
+    /// Events the collector accepted.
+    pub delivered: u64,
+    /// Events queued (in flight or waiting).
+    pub pending: u64,
+    /// Events given up, by reason.
+    pub dropped: BTreeMap<String, u64>,
+    /// Of the pending events, those held for consent.
+    pub held: u64,
+    /// Consecutive failed uploads.
+    pub failures: u32,
+    /// Uploads are paused because the collector refused the write key.
+    pub paused: bool,
+    /// Bad records skipped when the queue was opened.
+    pub corrupt_records: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct RetryState {
+    failures: u32,
+    next_attempt_ms: Option<i64>,
+    paused: bool,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    batch_id: u64,
+    ids: Vec<u64>,
+    started: Timestamp,
+}
+
+/// The engine. Not thread-safe by itself: native platforms share it through
+/// [`crate::native::Client`], the browser owns it on its one thread.
+pub struct Engine {
+    store: Box<dyn EventStore>,
+    config: Config,
+    plugins: Vec<Box<dyn Plugin>>,
+    anonymous_id: String,
+    user_id: Option<String>,
+    traits: Map,
+    consent: BTreeMap<String, bool>,
+    retry: RetryState,
+    in_flight: Option<InFlight>,
+    batch_limit: usize,
+    flush_requested: bool,
+    next_batch_id: u64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .field("pending", &self.store.state().len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn millis(ts: Timestamp) -> i64 {
+    ts.as_millisecond()
+}
+
+fn duration_until(from: Timestamp, until_ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(until_ms - millis(from)).unwrap_or(0))
+}
+
+fn as_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+impl Engine {
+    /// Opens the engine on `store`, restoring the identity, consent and retry state it
+    /// holds (an anonymous id is generated and persisted on first use).
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot persist the new anonymous id.
+    pub fn open(store: Box<dyn EventStore>, config: Config) -> Result<Self, StoreError> {
+        let state = store.state();
+        let anonymous_id = state
+            .meta(META_ANONYMOUS_ID)
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let user_id = state
+            .meta(META_USER_ID)
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let traits = state
+            .meta(META_TRAITS)
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let consent = state
+            .meta(META_CONSENT)
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default();
+        let retry = state
+            .meta(META_RETRY)
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default();
+        let batch_limit = config.max_batch_events.max(1);
+        let mut engine = Engine {
+            store,
+            config,
+            plugins: Vec::new(),
+            anonymous_id: anonymous_id.clone().unwrap_or_default(),
+            user_id,
+            traits,
+            consent,
+            retry,
+            in_flight: None,
+            batch_limit,
+            flush_requested: false,
+            next_batch_id: 1,
+        };
+        if anonymous_id.is_none() {
+            engine.new_anonymous_id()?;
+        }
+        Ok(engine)
+    }
+
+    fn new_anonymous_id(&mut self) -> Result<(), StoreError> {
+        let id = new_id();
+        self.store.apply(Op::Meta {
+            key: META_ANONYMOUS_ID.to_owned(),
+            value: Value::from(id.clone()),
+        })?;
+        self.anonymous_id = id;
+        Ok(())
+    }
+
+    /// Adds a before-send plugin; plugins run in the order added.
+    pub fn add_plugin(&mut self, plugin: Box<dyn Plugin>) {
+        self.plugins.push(plugin);
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The persisted anonymous id.
+    pub fn anonymous_id(&self) -> &str {
+        &self.anonymous_id
+    }
+
+    /// The user id set by `identify` or `alias`, if any.
+    pub fn user_id(&self) -> Option<&str> {
+        self.user_id.as_deref()
+    }
+
+    /// Captures a `track` event.
+    ///
+    /// # Errors
+    ///
+    /// See [`CaptureError`].
+    pub fn track(
+        &mut self,
+        event: &str,
+        properties: Map,
+        options: CaptureOptions,
+        now: Timestamp,
+    ) -> Result<String, CaptureError> {
+        self.capture(
+            Message::Track(Track {
+                common: Common::default(),
+                event: Some(event.to_owned()),
+                properties: Some(properties),
+            }),
+            options,
+            now,
+        )
+    }
+
+    /// Captures an `identify`: keeps the user id (when given) and merges the traits into
+    /// the kept ones, which the event carries.
+    ///
+    /// # Errors
+    ///
+    /// See [`CaptureError`].
+    pub fn identify(
+        &mut self,
+        user_id: Option<&str>,
+        traits: Map,
+        options: CaptureOptions,
+        now: Timestamp,
+    ) -> Result<String, CaptureError> {
+        if let Some(user_id) = user_id.filter(|id| !id.trim().is_empty()) {
+            self.set_user_id(Some(user_id.to_owned()))?;
+        }
+        for (key, value) in traits {
+            self.traits.insert(key, value);
+        }
+        self.store.apply(Op::Meta {
+            key: META_TRAITS.to_owned(),
+            value: Value::Object(self.traits.clone()),
+        })?;
+        self.capture(
+            Message::Identify(Identify {
+                common: Common::default(),
+                traits: Some(self.traits.clone()),
+            }),
+            options,
+            now,
+        )
+    }
+
+    /// Captures a `page` view.
+    ///
+    /// # Errors
+    ///
+    /// See [`CaptureError`].
+    pub fn page(
+        &mut self,
+        name: Option<&str>,
+        properties: Map,
+        options: CaptureOptions,
+        now: Timestamp,
+    ) -> Result<String, CaptureError> {
+        self.capture(
+            Message::Page(Page {
+                common: Common::default(),
+                name: name.map(str::to_owned),
+                properties: Some(properties),
+            }),
+            options,
+            now,
+        )
+    }
+
+    /// Captures a `screen` view.
+    ///
+    /// # Errors
+    ///
+    /// See [`CaptureError`].
+    pub fn screen(
+        &mut self,
+        name: Option<&str>,
+        properties: Map,
+        options: CaptureOptions,
+        now: Timestamp,
+    ) -> Result<String, CaptureError> {
+        self.capture(
+            Message::Screen(Screen {
+                common: Common::default(),
+                name: name.map(str::to_owned),
+                properties: Some(properties),
+            }),
+            options,
+            now,
+        )
+    }
+
+    /// Captures a `group` call.
+    ///
+    /// # Errors
+    ///
+    /// See [`CaptureError`].
+    pub fn group(
+        &mut self,
+        group_id: &str,
+        traits: Map,
+        options: CaptureOptions,
+        now: Timestamp,
+    ) -> Result<String, CaptureError> {
+        self.capture(
+            Message::Group(Group {
+                common: Common::default(),
+                group_id: Some(group_id.to_owned()),
+                traits: Some(traits),
+            }),
+            options,
+            now,
+        )
+    }
+
+    /// Captures an `alias`: links the current identity (user id, else anonymous id) to
+    /// `user_id`, which becomes the current user id.
+    ///
+    /// # Errors
+    ///
+    /// See [`CaptureError`].
+    pub fn alias(
+        &mut self,
+        user_id: &str,
+        options: CaptureOptions,
+        now: Timestamp,
+    ) -> Result<String, CaptureError> {
+        let previous = self
+            .user_id
+            .clone()
+            .unwrap_or_else(|| self.anonymous_id.clone());
+        let message = Message::Alias(Alias {
+            common: Common {
+                user_id: Some(user_id.to_owned()),
+                ..Common::default()
+            },
+            previous_id: Some(previous),
+        });
+        message.validate()?;
+        let id = self.capture(message, options, now)?;
+        self.set_user_id(Some(user_id.to_owned()))?;
+        Ok(id)
+    }
+
+    /// Forgets the user: clears the user id and traits and starts a new anonymous id.
+    /// Queued events are kept.
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot persist the change.
+    pub fn reset(&mut self) -> Result<(), StoreError> {
+        self.set_user_id(None)?;
+        self.traits.clear();
+        self.store.apply(Op::Meta {
+            key: META_TRAITS.to_owned(),
+            value: Value::Null,
+        })?;
+        self.new_anonymous_id()
+    }
+
+    fn set_user_id(&mut self, user_id: Option<String>) -> Result<(), StoreError> {
+        self.store.apply(Op::Meta {
+            key: META_USER_ID.to_owned(),
+            value: user_id.clone().map_or(Value::Null, Value::from),
+        })?;
+        self.user_id = user_id;
+        Ok(())
+    }
+
+    fn capture(
+        &mut self,
+        mut message: Message,
+        options: CaptureOptions,
+        now: Timestamp,
+    ) -> Result<String, CaptureError> {
+        let message_id = new_id();
+        {
+            let common = message.common_mut();
+            common.message_id = Some(message_id.clone());
+            common.anonymous_id = Some(self.anonymous_id.clone());
+            if common.user_id.is_none() {
+                common.user_id = self.user_id.clone();
+            }
+            common.timestamp = Some(options.timestamp.unwrap_or(now));
+            let mut context = options.context.unwrap_or_default();
+            for (key, value) in &self.config.context {
+                context.entry(key.clone()).or_insert_with(|| value.clone());
+            }
+            context.insert(
+                "library".to_owned(),
+                json!({"name": LIBRARY_NAME, "version": LIBRARY_VERSION}),
+            );
+            common.context = Some(context);
+            common.integrations = options.integrations;
+        }
+        for plugin in &self.plugins {
+            if plugin.before_send(&mut message) == PluginAction::Drop {
+                self.store.apply(Op::DropAtCapture {
+                    reason: format!("plugin:{}", plugin.name()),
+                })?;
+                return Ok(message_id);
+            }
+        }
+        message.validate()?;
+        let json = serde_json::to_string(&message).map_err(StoreError::from)?;
+        if json.len() > MAX_EVENT_BYTES {
+            return Err(CaptureError::TooLarge { size: json.len() });
+        }
+        let id = self.store.state().next_id();
+        self.store.apply(Op::Append {
+            event: QueuedEvent {
+                id,
+                captured_at_ms: millis(now),
+                purpose: options.purpose,
+                json,
+            },
+        })?;
+        self.enforce_budgets()?;
+        Ok(message_id)
+    }
+
+    fn enforce_budgets(&mut self) -> Result<(), StoreError> {
+        loop {
+            let state = self.store.state();
+            if state.len() <= self.config.max_queue_events
+                && state.bytes() <= self.config.max_queue_bytes
+            {
+                return Ok(());
+            }
+            let Some(oldest) = state.events().next().map(|e| e.id) else {
+                return Ok(());
+            };
+            self.store.apply(Op::Remove {
+                ids: vec![oldest],
+                outcome: Outcome::Dropped {
+                    reason: reason::EVICTED.to_owned(),
+                },
+            })?;
+        }
+    }
+
+    /// Grants or revokes consent for a purpose. Granting releases the held events of
+    /// that purpose; revoking drops its pending events (`consent_revoked`).
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot persist the change.
+    pub fn set_consent(&mut self, purpose: &str, granted: bool) -> Result<(), StoreError> {
+        self.consent.insert(purpose.to_owned(), granted);
+        self.store.apply(Op::Meta {
+            key: META_CONSENT.to_owned(),
+            value: serde_json::to_value(&self.consent)?,
+        })?;
+        if !granted {
+            let ids: Vec<u64> = self
+                .store
+                .state()
+                .events()
+                .filter(|e| e.purpose.as_deref() == Some(purpose))
+                .map(|e| e.id)
+                .collect();
+            if !ids.is_empty() {
+                self.store.apply(Op::Remove {
+                    ids,
+                    outcome: Outcome::Dropped {
+                        reason: reason::CONSENT_REVOKED.to_owned(),
+                    },
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn sendable(&self, event: &QueuedEvent) -> bool {
+        event
+            .purpose
+            .as_ref()
+            .is_none_or(|p| self.consent.get(p).copied().unwrap_or(false))
+    }
+
+    /// Asks for the queue to be sent now, without waiting for a full batch or the
+    /// interval. Backoff and pauses still apply.
+    pub fn flush(&mut self) {
+        self.flush_requested = true;
+    }
+
+    /// Whether events wait that could be sent (not held for consent).
+    pub fn has_sendable(&self) -> bool {
+        self.store.state().events().any(|e| self.sendable(e))
+    }
+
+    /// What the platform should do next, at `now`.
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot persist dropping expired events.
+    pub fn next_upload(&mut self, now: Timestamp) -> Result<UploadTask, StoreError> {
+        if let Some(in_flight) = &self.in_flight {
+            let lost_at = millis(in_flight.started) + as_ms(IN_FLIGHT_TIMEOUT);
+            if millis(now) < lost_at {
+                return Ok(UploadTask::Wait(duration_until(now, lost_at)));
+            }
+            let batch_id = in_flight.batch_id;
+            self.on_upload_result(
+                batch_id,
+                UploadResult::NetworkError("no result reported in time".to_owned()),
+                now,
+            )?;
+        }
+        self.drop_expired(now)?;
+        if let Some(next) = self.retry.next_attempt_ms
+            && next > millis(now)
+        {
+            return Ok(UploadTask::Wait(duration_until(now, next)));
+        }
+        let budget = self.config.max_batch_bytes.min(MAX_BATCH_BYTES) - ENVELOPE_BYTES;
+        let mut ids = Vec::new();
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        let mut oldest_ms = None;
+        let mut full = false;
+        for event in self.store.state().events().filter(|e| self.sendable(e)) {
+            if ids.len() == self.batch_limit || bytes + event.json.len() + 1 > budget {
+                full = true;
+                break;
+            }
+            oldest_ms.get_or_insert(event.captured_at_ms);
+            bytes += event.json.len() + 1;
+            ids.push(event.id);
+            events.push(event.json.as_str());
+        }
+        let Some(oldest_ms) = oldest_ms else {
+            self.flush_requested = false;
+            return Ok(UploadTask::Idle);
+        };
+        let due_ms = oldest_ms + as_ms(self.config.flush_interval);
+        full |= ids.len() >= self.batch_limit;
+        if !(full || self.flush_requested || millis(now) >= due_ms) {
+            return Ok(UploadTask::Wait(duration_until(now, due_ms)));
+        }
+        let body = encode_batch(&events, now);
+        let batch_id = self.next_batch_id;
+        self.next_batch_id += 1;
+        let count = ids.len();
+        self.in_flight = Some(InFlight {
+            batch_id,
+            ids,
+            started: now,
+        });
+        Ok(UploadTask::Send(UploadRequest {
+            batch_id,
+            url: format!("{}/v1/batch", self.config.endpoint.trim_end_matches('/')),
+            authorization: format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD
+                    .encode(format!("{}:", self.config.write_key))
+            ),
+            body,
+            events: count,
+        }))
+    }
+
+    fn drop_expired(&mut self, now: Timestamp) -> Result<(), StoreError> {
+        let cutoff = millis(now) - as_ms(self.config.max_age);
+        let in_flight: &[u64] = self.in_flight.as_ref().map_or(&[], |f| &f.ids);
+        let expired: Vec<u64> = self
+            .store
+            .state()
+            .events()
+            .take_while(|e| e.captured_at_ms < cutoff)
+            .map(|e| e.id)
+            .filter(|id| !in_flight.contains(id))
+            .collect();
+        if expired.is_empty() {
+            return Ok(());
+        }
+        self.store.apply(Op::Remove {
+            ids: expired,
+            outcome: Outcome::Dropped {
+                reason: reason::EXPIRED.to_owned(),
+            },
+        })
+    }
+
+    /// Feeds back the outcome of the request for `batch_id`. A result for a batch not in
+    /// flight (stale, or reported twice) is ignored.
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot persist the outcome; the batch is then sent again later.
+    pub fn on_upload_result(
+        &mut self,
+        batch_id: u64,
+        result: UploadResult,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let Some(in_flight) = self.in_flight.take_if(|f| f.batch_id == batch_id) else {
+            return Ok(());
+        };
+        let ids = in_flight.ids;
+        match result {
+            UploadResult::Response {
+                status: 200..=299,
+                body,
+                ..
+            } => {
+                let rejected = rejected_indexes(body.as_deref());
+                let mut by_reason: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+                for (index, code) in rejected {
+                    if let Some(id) = ids.get(index) {
+                        by_reason.entry(format!("rejected:{code}")).or_default().push(*id);
+                    }
+                }
+                for (reason, rejected_ids) in by_reason {
+                    self.store.apply(Op::Remove {
+                        ids: rejected_ids,
+                        outcome: Outcome::Dropped { reason },
+                    })?;
+                }
+                self.store.apply(Op::Remove {
+                    ids,
+                    outcome: Outcome::Delivered,
+                })?;
+                self.batch_limit = self.config.max_batch_events.max(1);
+                self.set_retry(RetryState::default())?;
+            }
+            UploadResult::Response { status: 413, .. } if ids.len() > 1 => {
+                self.batch_limit = (ids.len() / 2).max(1);
+            }
+            UploadResult::Response { status: 413, .. } => {
+                self.store.apply(Op::Remove {
+                    ids,
+                    outcome: Outcome::Dropped {
+                        reason: reason::TOO_LARGE.to_owned(),
+                    },
+                })?;
+                self.batch_limit = self.config.max_batch_events.max(1);
+            }
+            UploadResult::Response {
+                status: 401 | 403 | 404,
+                ..
+            } => {
+                self.set_retry(RetryState {
+                    failures: self.retry.failures + 1,
+                    next_attempt_ms: Some(millis(now) + as_ms(self.config.retry.pause)),
+                    paused: true,
+                })?;
+            }
+            UploadResult::Response {
+                status: 429 | 503,
+                retry_after: Some(wait),
+                ..
+            } => {
+                self.set_retry(RetryState {
+                    failures: self.retry.failures + 1,
+                    next_attempt_ms: Some(millis(now) + as_ms(wait)),
+                    paused: false,
+                })?;
+            }
+            UploadResult::Response { status, .. } if (400..500).contains(&status) && status != 429 => {
+                self.store.apply(Op::Remove {
+                    ids,
+                    outcome: Outcome::Dropped {
+                        reason: format!("rejected:{status}"),
+                    },
+                })?;
+                self.set_retry(RetryState::default())?;
+            }
+            UploadResult::Response { .. } | UploadResult::NetworkError(_) => {
+                let failures = self.retry.failures + 1;
+                let wait = self.config.retry.delay(failures);
+                self.set_retry(RetryState {
+                    failures,
+                    next_attempt_ms: Some(millis(now) + as_ms(wait)),
+                    paused: false,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_retry(&mut self, retry: RetryState) -> Result<(), StoreError> {
+        if retry == self.retry {
+            return Ok(());
+        }
+        self.store.apply(Op::Meta {
+            key: META_RETRY.to_owned(),
+            value: serde_json::to_value(&retry)?,
+        })?;
+        self.retry = retry;
+        Ok(())
+    }
+
+    /// Event accounting and upload state.
+    pub fn stats(&self) -> Stats {
+        let state = self.store.state();
+        let counters = state.counters();
+        Stats {
+            captured: counters.captured,
+            delivered: counters.delivered,
+            pending: state.len() as u64,
+            dropped: counters.dropped.clone(),
+            held: state.events().filter(|e| !self.sendable(e)).count() as u64,
+            failures: self.retry.failures,
+            paused: self.retry.paused,
+            corrupt_records: self.store.corrupt_records(),
+        }
+    }
+}
+
+/// The body of `POST /v1/batch` for already-serialized events, stamped with `sentAt`.
+pub fn encode_batch(events: &[&str], sent_at: Timestamp) -> String {
+    let size: usize = events.iter().map(|e| e.len() + 1).sum();
+    let mut body = String::with_capacity(size + 64);
+    body.push_str("{\"batch\":[");
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(event);
+    }
+    body.push_str("],\"sentAt\":\"");
+    body.push_str(&sent_at.to_string());
+    body.push_str("\"}");
+    body
+}
+
+/// The `(index, code)` pairs of a collector's `rejected` list, if the body has one.
+fn rejected_indexes(body: Option<&str>) -> Vec<(usize, String)> {
+    #[derive(Deserialize)]
+    struct Reply {
+        #[serde(default)]
+        rejected: Vec<Rejected>,
+    }
+    #[derive(Deserialize)]
+    struct Rejected {
+        index: usize,
+        code: String,
+    }
+    body.and_then(|b| serde_json::from_str::<Reply>(b).ok())
+        .map(|reply| {
+            reply
+                .rejected
+                .into_iter()
+                .map(|r| (r.index, r.code))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,328 @@
+//! The durable event queue: what is queued, what happened to every captured event, and
+//! the [`EventStore`] trait that persists it.
+//!
+//! Every change is an [`Op`]. [`QueueState::apply`] holds the one piece of logic that
+//! turns ops into state (queued events, counters, metadata), so every store behaves the
+//! same: [`MemoryStore`] only applies ops, and the file store
+//! ([`crate::file_store::FileStore`]) also appends them to its log and replays them on
+//! open. The counters are derived from the ops, so `captured = delivered + dropped +
+//! pending` holds in every state a store can be in, a crash included.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// An event waiting in the queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedEvent {
+    /// Position in the queue; increases with capture order.
+    pub id: u64,
+    /// Capture time, milliseconds since the Unix epoch (for the age budget).
+    pub captured_at_ms: i64,
+    /// The consent purpose the event needs, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    /// The message, serialized once at capture.
+    pub json: String,
+}
+
+/// What became of events leaving the queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The collector accepted them.
+    Delivered,
+    /// They were given up, for this reason.
+    Dropped {
+        /// A stable reason, such as `expired` or `evicted`.
+        reason: String,
+    },
+}
+
+/// One change to a store. Stores persist ops; [`QueueState::apply`] interprets them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// An event was captured and queued.
+    Append {
+        /// The event.
+        event: QueuedEvent,
+    },
+    /// Events left the queue.
+    Remove {
+        /// Their ids; ids no longer queued are ignored, so a replay is harmless.
+        ids: Vec<u64>,
+        /// Delivered or dropped.
+        outcome: Outcome,
+    },
+    /// An event was captured and dropped at once (by a plugin), never queued.
+    DropAtCapture {
+        /// Why.
+        reason: String,
+    },
+    /// A metadata value (identity, retry state, consent) was set; `null` removes it.
+    Meta {
+        /// The key.
+        key: String,
+        /// The new value.
+        value: Value,
+    },
+    /// The counters and next id, written first when a store compacts its log.
+    Snapshot {
+        /// Counters at the time.
+        counters: Counters,
+        /// The next event id.
+        next_id: u64,
+    },
+}
+
+/// Event accounting, as persisted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Events captured (queued, or dropped at capture).
+    pub captured: u64,
+    /// Events the collector accepted.
+    pub delivered: u64,
+    /// Events given up, by reason.
+    pub dropped: BTreeMap<String, u64>,
+}
+
+/// The queue's state: what every store holds, whatever it persists to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueState {
+    events: BTreeMap<u64, QueuedEvent>,
+    bytes: usize,
+    meta: BTreeMap<String, Value>,
+    counters: Counters,
+    next_id: u64,
+}
+
+impl QueueState {
+    /// Applies one op. Idempotent for removals, so replaying a log is safe.
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Append { event } => {
+                self.counters.captured += 1;
+                self.next_id = self.next_id.max(event.id + 1);
+                self.bytes += event.json.len();
+                if let Some(replaced) = self.events.insert(event.id, event.clone()) {
+                    self.bytes -= replaced.json.len();
+                }
+            }
+            Op::Remove { ids, outcome } => {
+                for id in ids {
+                    let Some(event) = self.events.remove(id) else {
+                        continue;
+                    };
+                    self.bytes -= event.json.len();
+                    match outcome {
+                        Outcome::Delivered => self.counters.delivered += 1,
+                        Outcome::Dropped { reason } => {
+                            *self.counters.dropped.entry(reason.clone()).or_default() += 1;
+                        }
+                    }
+                }
+            }
+            Op::DropAtCapture { reason } => {
+                self.counters.captured += 1;
+                *self.counters.dropped.entry(reason.clone()).or_default() += 1;
+            }
+            Op::Meta { key, value } => {
+                if value.is_null() {
+                    self.meta.remove(key);
+                } else {
+                    self.meta.insert(key.clone(), value.clone());
+                }
+            }
+            Op::Snapshot { counters, next_id } => {
+                self.counters = counters.clone();
+                self.next_id = self.next_id.max(*next_id);
+            }
+        }
+    }
+
+    /// Queued events, oldest first.
+    pub fn events(&self) -> impl DoubleEndedIterator<Item = &QueuedEvent> {
+        self.events.values()
+    }
+
+    /// The queued event with this id.
+    pub fn get(&self, id: u64) -> Option<&QueuedEvent> {
+        self.events.get(&id)
+    }
+
+    /// How many events are queued.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Bytes of queued message JSON.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// A metadata value.
+    pub fn meta(&self, key: &str) -> Option<&Value> {
+        self.meta.get(key)
+    }
+
+    /// Every metadata value.
+    pub fn all_meta(&self) -> &BTreeMap<String, Value> {
+        &self.meta
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The id the next captured event gets.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+}
+
+/// A failure to persist an op. The op has not been applied.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file system failed (disk full, permissions, I/O error).
+    #[error("queue storage: {0}")]
+    Io(#[from] std::io::Error),
+    /// An op could not be encoded.
+    #[error("queue encoding: {0}")]
+    Encoding(#[from] serde_json::Error),
+}
+
+/// Persists the queue. An op is durable against a process crash once
+/// [`EventStore::apply`] returns.
+pub trait EventStore: Send {
+    /// Persists `op`, then applies it to the state.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be persisted; the state is then unchanged.
+    fn apply(&mut self, op: Op) -> Result<(), StoreError>;
+
+    /// The current state.
+    fn state(&self) -> &QueueState;
+
+    /// Records found torn or corrupt (and skipped) when the store was opened.
+    fn corrupt_records(&self) -> u64 {
+        0
+    }
+}
+
+/// A store that keeps the queue in memory only: for tests, and for platforms that
+/// persist elsewhere.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: QueueState,
+}
+
+impl MemoryStore {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl EventStore for MemoryStore {
+    fn apply(&mut self, op: Op) -> Result<(), StoreError> {
+        self.state.apply(&op);
+        Ok(())
+    }
+
+    fn state(&self) -> &QueueState {
+        &self.state
+    }
+}
+
+/// The test suite every [`EventStore`] runs: `open` gives a fresh store, `reopen` the
+/// same store as a new process would find it (for a memory store, the same one).
+#[cfg(test)]
+pub(crate) mod suite {
+    use super::*;
+    use serde_json::json;
+
+    pub(crate) fn event(id: u64, json: &str) -> QueuedEvent {
+        QueuedEvent {
+            id,
+            captured_at_ms: 1_000 + i64::try_from(id).expect("small id"),
+            purpose: (id % 3 == 0).then(|| "marketing".to_owned()),
+            json: json.to_owned(),
+        }
+    }
+
+    fn identity_holds(state: &QueueState) {
+        let c = state.counters();
+        let dropped: u64 = c.dropped.values().sum();
+        assert_eq!(c.captured, c.delivered + dropped + state.len() as u64, "{c:?}");
+    }
+
+    pub(crate) fn run(open: &mut dyn FnMut() -> Box<dyn EventStore>, reopen: &mut dyn FnMut(Box<dyn EventStore>) -> Box<dyn EventStore>) {
+        let mut store = open();
+        assert!(store.state().is_empty());
+        for id in 0..5 {
+            store
+                .apply(Op::Append { event: event(id, &format!("{{\"n\":{id}}}")) })
+                .expect("append");
+        }
+        store
+            .apply(Op::Remove { ids: vec![0, 1], outcome: Outcome::Delivered })
+            .expect("remove");
+        store
+            .apply(Op::Remove {
+                ids: vec![1, 2],
+                outcome: Outcome::Dropped { reason: "expired".into() },
+            })
+            .expect("remove");
+        store
+            .apply(Op::DropAtCapture { reason: "plugin".into() })
+            .expect("drop");
+        store
+            .apply(Op::Meta { key: "userId".into(), value: json!("u1") })
+            .expect("meta");
+        store
+            .apply(Op::Meta { key: "gone".into(), value: json!(1) })
+            .expect("meta");
+        store
+            .apply(Op::Meta { key: "gone".into(), value: Value::Null })
+            .expect("meta");
+        identity_holds(store.state());
+
+        let check = |state: &QueueState| {
+            let ids: Vec<u64> = state.events().map(|e| e.id).collect();
+            assert_eq!(ids, [3, 4]);
+            assert_eq!(state.bytes(), 14);
+            assert_eq!(state.counters().captured, 6);
+            assert_eq!(state.counters().delivered, 2);
+            assert_eq!(state.counters().dropped["expired"], 1, "id 1 was already gone");
+            assert_eq!(state.counters().dropped["plugin"], 1);
+            assert_eq!(state.meta("userId"), Some(&json!("u1")));
+            assert_eq!(state.meta("gone"), None);
+            assert_eq!(state.next_id(), 5);
+            assert_eq!(state.events().next().and_then(|e| e.purpose.clone()).as_deref(), Some("marketing"));
+            identity_holds(state);
+        };
+        check(store.state());
+        let store = reopen(store);
+        check(store.state());
+        assert_eq!(store.corrupt_records(), 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_store_passes_the_suite() {
+        suite::run(&mut || Box::new(MemoryStore::new()), &mut |store| store);
+    }
+}
