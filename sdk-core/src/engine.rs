@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::protocol::{
-    Alias, Common, Group, Identify, Invalid, MAX_BATCH_BYTES, MAX_EVENT_BYTES, Map, Message,
-    Page, Screen, Track,
+    Alias, Common, Group, Identify, Invalid, MAX_BATCH_BYTES, MAX_EVENT_BYTES, Map, Message, Page,
+    Screen, Track,
 };
 use crate::queue::{EventStore, Op, Outcome, QueuedEvent, StoreError};
 use crate::retry::RetryPolicy;
@@ -776,7 +776,10 @@ impl Engine {
                 let mut by_reason: BTreeMap<String, Vec<u64>> = BTreeMap::new();
                 for (index, code) in rejected {
                     if let Some(id) = ids.get(index) {
-                        by_reason.entry(format!("rejected:{code}")).or_default().push(*id);
+                        by_reason
+                            .entry(format!("rejected:{code}"))
+                            .or_default()
+                            .push(*id);
                     }
                 }
                 for (reason, rejected_ids) in by_reason {
@@ -825,7 +828,9 @@ impl Engine {
                     paused: false,
                 })?;
             }
-            UploadResult::Response { status, .. } if (400..500).contains(&status) && status != 429 => {
+            UploadResult::Response { status, .. }
+                if (400..500).contains(&status) && status != 429 =>
+            {
                 self.store.apply(Op::Remove {
                     ids,
                     outcome: Outcome::Dropped {
@@ -914,4 +919,539 @@ fn rejected_indexes(body: Option<&str>) -> Vec<(usize, String)> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::file_store::FileStore;
+    use crate::queue::MemoryStore;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).expect("timestamp")
+    }
+
+    fn config() -> Config {
+        let mut config = Config::new("key", "http://collector.test/");
+        config.retry = RetryPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            pause: Duration::from_secs(600),
+        };
+        config.context = json!({"os": {"name": "Linux"}, "locale": "fr-FR"})
+            .as_object()
+            .cloned()
+            .expect("object");
+        config
+    }
+
+    fn engine() -> Engine {
+        Engine::open(Box::new(MemoryStore::new()), config()).expect("opens")
+    }
+
+    fn props(value: Value) -> Map {
+        value.as_object().cloned().expect("object")
+    }
+
+    fn track_n(engine: &mut Engine, n: usize, now: Timestamp) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                engine
+                    .track(
+                        "Clicked",
+                        props(json!({"i": i})),
+                        CaptureOptions::default(),
+                        now,
+                    )
+                    .expect("captured")
+            })
+            .collect()
+    }
+
+    fn send(engine: &mut Engine, now: Timestamp) -> UploadRequest {
+        match engine.next_upload(now).expect("task") {
+            UploadTask::Send(request) => request,
+            other => panic!("expected a batch, got {other:?}"),
+        }
+    }
+
+    fn ok(body: &str) -> UploadResult {
+        UploadResult::Response {
+            status: 200,
+            retry_after: None,
+            body: Some(body.to_owned()),
+        }
+    }
+
+    fn status(code: u16) -> UploadResult {
+        UploadResult::Response {
+            status: code,
+            retry_after: None,
+            body: None,
+        }
+    }
+
+    fn batch_ids(request: &UploadRequest) -> Vec<String> {
+        let body: Value = serde_json::from_str(&request.body).expect("json body");
+        body["batch"]
+            .as_array()
+            .expect("batch")
+            .iter()
+            .map(|e| e["messageId"].as_str().expect("id").to_owned())
+            .collect()
+    }
+
+    fn assert_identity(engine: &Engine) {
+        let s = engine.stats();
+        assert_eq!(
+            s.captured,
+            s.delivered + s.dropped.values().sum::<u64>() + s.pending,
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn capture_fills_the_common_fields() {
+        let mut e = engine();
+        let anonymous = e.anonymous_id().to_owned();
+        let options = CaptureOptions {
+            context: Some(props(json!({"locale": "de-DE"}))),
+            ..CaptureOptions::default()
+        };
+        let id = e
+            .track("Signed Up", props(json!({"plan": "pro"})), options, t(0))
+            .expect("captured");
+        let request = {
+            e.flush();
+            send(&mut e, t(1))
+        };
+        let body: Value = serde_json::from_str(&request.body).expect("json");
+        let event = &body["batch"][0];
+        assert_eq!(event["messageId"], json!(id));
+        assert_eq!(event["anonymousId"], json!(anonymous));
+        assert_eq!(event["timestamp"], json!(t(0).to_string()));
+        assert_eq!(event["context"]["library"]["name"], LIBRARY_NAME);
+        assert_eq!(event["context"]["os"]["name"], "Linux", "platform context");
+        assert_eq!(
+            event["context"]["locale"], "de-DE",
+            "the call's context wins"
+        );
+        assert_eq!(
+            body["sentAt"],
+            json!(t(1).to_string()),
+            "sentAt is set at send"
+        );
+        assert_eq!(request.url, "http://collector.test/v1/batch");
+        assert_eq!(request.authorization, "Basic a2V5Og==");
+        assert!(event.get("userId").is_none());
+    }
+
+    #[test]
+    fn identity_is_kept_reset_and_aliased() {
+        let mut e = engine();
+        let first_anonymous = e.anonymous_id().to_owned();
+        e.identify(
+            Some("u1"),
+            props(json!({"email": "a@b.c"})),
+            CaptureOptions::default(),
+            t(0),
+        )
+        .expect("identify");
+        e.identify(
+            None,
+            props(json!({"plan": "pro"})),
+            CaptureOptions::default(),
+            t(0),
+        )
+        .expect("identify");
+        e.track("After", Map::new(), CaptureOptions::default(), t(0))
+            .expect("track");
+        e.alias("u2", CaptureOptions::default(), t(0))
+            .expect("alias");
+        e.reset().expect("reset");
+        e.track(
+            "Anonymous again",
+            Map::new(),
+            CaptureOptions::default(),
+            t(0),
+        )
+        .expect("track");
+        e.flush();
+        let body: Value = serde_json::from_str(&send(&mut e, t(0)).body).expect("json");
+        let b = body["batch"].as_array().expect("batch");
+        assert_eq!(
+            b[1]["traits"],
+            json!({"email": "a@b.c", "plan": "pro"}),
+            "traits merge"
+        );
+        assert_eq!(b[1]["userId"], "u1");
+        assert_eq!(b[2]["userId"], "u1");
+        assert_eq!(b[3]["type"], "alias");
+        assert_eq!(b[3]["previousId"], "u1");
+        assert_eq!(b[3]["userId"], "u2");
+        assert!(b[4].get("userId").is_none());
+        assert_ne!(
+            b[4]["anonymousId"],
+            json!(first_anonymous),
+            "reset starts a new anonymous id"
+        );
+        assert_eq!(b[0]["anonymousId"], json!(first_anonymous));
+    }
+
+    #[test]
+    fn identity_and_retry_state_survive_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("q.log");
+        let open = || {
+            Engine::open(
+                Box::new(FileStore::open(&path, false).expect("store")),
+                config(),
+            )
+            .expect("engine")
+        };
+        let mut e = open();
+        let anonymous = e.anonymous_id().to_owned();
+        e.identify(Some("u1"), Map::new(), CaptureOptions::default(), t(0))
+            .expect("identify");
+        e.flush();
+        let request = send(&mut e, t(0));
+        e.on_upload_result(request.batch_id, status(500), t(0))
+            .expect("result");
+        let waiting = e.next_upload(t(0)).expect("task");
+        drop(e);
+        let mut e = open();
+        assert_eq!(e.anonymous_id(), anonymous);
+        assert_eq!(e.user_id(), Some("u1"));
+        assert_eq!(e.stats().failures, 1);
+        assert_eq!(
+            e.next_upload(t(0)).expect("task"),
+            waiting,
+            "backoff survives restart"
+        );
+    }
+
+    #[test]
+    fn bad_events_are_refused_and_leave_the_queue_untouched() {
+        let mut e = engine();
+        assert!(matches!(
+            e.track("  ", Map::new(), CaptureOptions::default(), t(0)),
+            Err(CaptureError::Invalid(Invalid {
+                code: "missing_event",
+                ..
+            }))
+        ));
+        assert!(matches!(
+            e.group("", Map::new(), CaptureOptions::default(), t(0)),
+            Err(CaptureError::Invalid(Invalid {
+                code: "missing_group_id",
+                ..
+            }))
+        ));
+        let huge = props(json!({"blob": "x".repeat(MAX_EVENT_BYTES)}));
+        let err = e
+            .track("Big", huge, CaptureOptions::default(), t(0))
+            .expect_err("too large");
+        assert!(matches!(err, CaptureError::TooLarge { size } if size > MAX_EVENT_BYTES));
+        assert!(err.to_string().contains("at most 32768"));
+        assert_eq!(e.stats(), Stats::default());
+    }
+
+    #[test]
+    fn batches_by_count_interval_and_flush() {
+        let mut e = engine();
+        assert_eq!(e.next_upload(t(0)).expect("task"), UploadTask::Idle);
+        track_n(&mut e, 3, t(0));
+        assert_eq!(
+            e.next_upload(t(4)).expect("task"),
+            UploadTask::Wait(Duration::from_secs(6)),
+            "waits for the interval"
+        );
+        let request = send(&mut e, t(10));
+        assert_eq!(request.events, 3, "the interval sends what there is");
+        e.on_upload_result(request.batch_id, ok("{}"), t(10))
+            .expect("ok");
+
+        track_n(&mut e, 45, t(20));
+        let request = send(&mut e, t(20));
+        assert_eq!(
+            request.events, DEFAULT_BATCH_EVENTS,
+            "a full batch goes at once"
+        );
+        assert!(
+            matches!(e.next_upload(t(20)).expect("task"), UploadTask::Wait(_)),
+            "one in flight"
+        );
+        e.on_upload_result(request.batch_id, ok("{}"), t(20))
+            .expect("ok");
+        assert_eq!(send(&mut e, t(20)).events, 20);
+        e.on_upload_result(2 + 1, ok("{}"), t(20)).expect("ok");
+        assert!(
+            matches!(e.next_upload(t(20)).expect("task"), UploadTask::Wait(_)),
+            "5 left wait"
+        );
+        e.flush();
+        assert_eq!(send(&mut e, t(20)).events, 5, "flush sends a partial batch");
+        assert_identity(&e);
+    }
+
+    #[test]
+    fn batches_stay_under_the_byte_limit() {
+        let mut e = engine();
+        for _ in 0..40 {
+            e.track(
+                "Big",
+                props(json!({"blob": "x".repeat(30_000)})),
+                CaptureOptions::default(),
+                t(0),
+            )
+            .expect("captured");
+        }
+        let request = send(&mut e, t(0));
+        assert!(
+            request.body.len() <= MAX_BATCH_BYTES,
+            "{}",
+            request.body.len()
+        );
+        assert!(
+            request.events < 20 && request.events >= 15,
+            "{}",
+            request.events
+        );
+    }
+
+    #[test]
+    fn a_2xx_delivers_and_rejected_events_are_dropped_with_their_reason() {
+        let mut e = engine();
+        track_n(&mut e, 20, t(0));
+        let request = send(&mut e, t(0));
+        e.on_upload_result(
+            request.batch_id,
+            ok(r#"{"success":true,"rejected":[{"index":3,"code":"missing_event","message":"m"},{"index":99,"code":"x"}]}"#),
+            t(0),
+        )
+        .expect("ok");
+        let s = e.stats();
+        assert_eq!((s.delivered, s.pending), (19, 0));
+        assert_eq!(s.dropped["rejected:missing_event"], 1);
+        assert_identity(&e);
+        e.on_upload_result(request.batch_id, ok("{}"), t(0))
+            .expect("a repeat is ignored");
+        assert_eq!(e.stats().delivered, 19);
+    }
+
+    #[test]
+    fn a_413_splits_the_batch_and_drops_a_lone_event() {
+        let mut e = engine();
+        let ids = track_n(&mut e, 20, t(0));
+        let first = send(&mut e, t(0));
+        e.on_upload_result(first.batch_id, status(413), t(0))
+            .expect("413");
+        let half = send(&mut e, t(0));
+        assert_eq!(batch_ids(&half), ids[..10]);
+        e.on_upload_result(half.batch_id, status(413), t(0))
+            .expect("413");
+        let mut sizes = Vec::new();
+        loop {
+            let request = send(&mut e, t(0));
+            sizes.push(request.events);
+            if request.events == 1 {
+                e.on_upload_result(request.batch_id, status(413), t(0))
+                    .expect("413");
+                break;
+            }
+            e.on_upload_result(request.batch_id, status(413), t(0))
+                .expect("413");
+        }
+        assert_eq!(sizes, [5, 2, 1]);
+        assert_eq!(e.stats().dropped[reason::TOO_LARGE], 1);
+        e.flush();
+        let next = send(&mut e, t(0));
+        e.on_upload_result(next.batch_id, ok("{}"), t(0))
+            .expect("ok");
+        assert_eq!(
+            next.events,
+            20 - 1,
+            "after a success batches are full size again"
+        );
+        assert_identity(&e);
+    }
+
+    #[test]
+    fn retry_after_pauses_and_backoff() {
+        let mut e = engine();
+        track_n(&mut e, 20, t(0));
+        let request = send(&mut e, t(0));
+        let limited = UploadResult::Response {
+            status: 429,
+            retry_after: Some(Duration::from_secs(30)),
+            body: None,
+        };
+        e.on_upload_result(request.batch_id, limited, t(0))
+            .expect("429");
+        assert_eq!(
+            e.next_upload(t(10)).expect("task"),
+            UploadTask::Wait(Duration::from_secs(20))
+        );
+        let request = send(&mut e, t(30));
+
+        e.on_upload_result(request.batch_id, status(401), t(30))
+            .expect("401");
+        assert!(e.stats().paused);
+        assert_eq!(e.stats().pending, 20, "a pause loses nothing");
+        e.flush();
+        assert_eq!(
+            e.next_upload(t(31)).expect("task"),
+            UploadTask::Wait(Duration::from_secs(599)),
+            "flush does not override a pause"
+        );
+        let request = send(&mut e, t(630));
+
+        let mut last = t(630);
+        let mut request = request;
+        for failures in 1..=8u32 {
+            e.on_upload_result(request.batch_id, status(500), last)
+                .expect("500");
+            let UploadTask::Wait(wait) = e.next_upload(last).expect("task") else {
+                panic!("waits")
+            };
+            assert!(
+                wait >= Duration::from_secs(1) && wait <= e.config().retry.ceiling(failures + 2),
+                "{wait:?}"
+            );
+            last = last.checked_add(wait).expect("time");
+            request = send(&mut e, last);
+        }
+        e.on_upload_result(
+            request.batch_id,
+            UploadResult::NetworkError("refused".into()),
+            last,
+        )
+        .expect("net");
+        let UploadTask::Wait(_) = e.next_upload(last).expect("task") else {
+            panic!("waits")
+        };
+        e.on_upload_result(request.batch_id, ok("{}"), last)
+            .expect("stale result ignored");
+        assert_eq!(e.stats().delivered, 0);
+        assert_identity(&e);
+    }
+
+    #[test]
+    fn other_4xx_drop_the_batch() {
+        let mut e = engine();
+        track_n(&mut e, 20, t(0));
+        let request = send(&mut e, t(0));
+        e.on_upload_result(request.batch_id, status(400), t(0))
+            .expect("400");
+        assert_eq!(e.stats().dropped["rejected:400"], 20);
+        assert_identity(&e);
+    }
+
+    #[test]
+    fn a_lost_result_counts_as_a_network_error() {
+        let mut e = engine();
+        track_n(&mut e, 20, t(0));
+        let _lost = send(&mut e, t(0));
+        assert_eq!(
+            e.next_upload(t(60)).expect("task"),
+            UploadTask::Wait(Duration::from_secs(60))
+        );
+        let UploadTask::Wait(_) = e.next_upload(t(120)).expect("task") else {
+            panic!("backs off")
+        };
+        assert_eq!(e.stats().failures, 1);
+    }
+
+    #[test]
+    fn old_events_expire_and_full_queues_evict_the_oldest() {
+        let mut config = config();
+        config.max_queue_events = 5;
+        config.max_queue_bytes = 10_000;
+        let mut e = Engine::open(Box::new(MemoryStore::new()), config).expect("opens");
+        let ids = track_n(&mut e, 7, t(0));
+        assert_eq!(e.stats().dropped[reason::EVICTED], 2);
+        e.track(
+            "Big",
+            props(json!({"blob": "x".repeat(9_500)})),
+            CaptureOptions::default(),
+            t(1),
+        )
+        .expect("captured");
+        assert_eq!(e.stats().pending, 1, "the byte budget evicts too");
+        assert_eq!(e.stats().dropped[reason::EVICTED], 7);
+        let later = t(0)
+            .checked_add(DEFAULT_MAX_AGE + Duration::from_secs(2))
+            .expect("time");
+        assert_eq!(e.next_upload(later).expect("task"), UploadTask::Idle);
+        assert_eq!(e.stats().dropped[reason::EXPIRED], 1);
+        assert_identity(&e);
+        assert_eq!(ids.len(), 7);
+    }
+
+    #[test]
+    fn consent_holds_releases_and_purges() {
+        let mut e = engine();
+        let marketing = CaptureOptions {
+            purpose: Some("marketing".into()),
+            ..CaptureOptions::default()
+        };
+        e.track("Ad Clicked", Map::new(), marketing.clone(), t(0))
+            .expect("captured");
+        e.track("Ad Seen", Map::new(), marketing.clone(), t(0))
+            .expect("captured");
+        e.track("Plain", Map::new(), CaptureOptions::default(), t(0))
+            .expect("captured");
+        assert_eq!(e.stats().held, 2);
+        e.flush();
+        let request = send(&mut e, t(0));
+        assert_eq!(request.events, 1, "held events are not sent");
+        e.on_upload_result(request.batch_id, ok("{}"), t(0))
+            .expect("ok");
+        e.set_consent("marketing", true).expect("grant");
+        e.flush();
+        assert_eq!(send(&mut e, t(0)).events, 2, "granted events are released");
+
+        let mut e = engine();
+        e.track("Ad Clicked", Map::new(), marketing, t(0))
+            .expect("captured");
+        e.set_consent("marketing", false).expect("revoke");
+        assert_eq!(e.stats().dropped[reason::CONSENT_REVOKED], 1);
+        assert_eq!(e.stats().pending, 0);
+        assert_identity(&e);
+    }
+
+    struct Tag;
+    impl Plugin for Tag {
+        fn name(&self) -> &str {
+            "tag"
+        }
+        fn before_send(&self, message: &mut Message) -> PluginAction {
+            if let Message::Track(track) = message {
+                if track.event.as_deref() == Some("Secret") {
+                    return PluginAction::Drop;
+                }
+                track
+                    .properties
+                    .get_or_insert_with(Map::new)
+                    .insert("tagged".into(), json!(true));
+            }
+            PluginAction::Keep
+        }
+    }
+
+    #[test]
+    fn plugins_enrich_change_and_drop() {
+        let mut e = engine();
+        e.add_plugin(Box::new(Tag));
+        e.track("Secret", Map::new(), CaptureOptions::default(), t(0))
+            .expect("dropped quietly");
+        e.track("Open", Map::new(), CaptureOptions::default(), t(0))
+            .expect("captured");
+        assert_eq!(e.stats().dropped["plugin:tag"], 1);
+        e.flush();
+        let body: Value = serde_json::from_str(&send(&mut e, t(0)).body).expect("json");
+        assert_eq!(body["batch"][0]["properties"]["tagged"], true);
+        assert_eq!(body["batch"].as_array().map(Vec::len), Some(1));
+        assert_identity(&e);
+    }
 }

@@ -40,7 +40,11 @@ fn frame(op: &Op) -> Result<Vec<u8>, StoreError> {
     let payload = serde_json::to_vec(op)?;
     let mut record = Vec::with_capacity(HEADER_BYTES + payload.len());
     record.extend_from_slice(MAGIC);
-    record.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
+    record.extend_from_slice(
+        &u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
     record.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     record.extend_from_slice(&payload);
     Ok(record)
@@ -215,7 +219,8 @@ impl EventStore for FileStore {
             _ => {}
         }
         self.state.apply(&op);
-        if self.file_bytes > COMPACT_MIN_BYTES && self.file_bytes > self.live_bytes * COMPACT_RATIO {
+        if self.file_bytes > COMPACT_MIN_BYTES && self.file_bytes > self.live_bytes * COMPACT_RATIO
+        {
             self.compact()?;
         }
         Ok(())
@@ -254,7 +259,9 @@ mod tests {
 
     fn append(store: &mut FileStore, id: u64) {
         store
-            .apply(Op::Append { event: suite::event(id, &format!("{{\"n\":{id}}}")) })
+            .apply(Op::Append {
+                event: suite::event(id, &format!("{{\"n\":{id}}}")),
+            })
             .expect("append");
     }
 
@@ -272,12 +279,18 @@ mod tests {
         std::fs::write(&p, &full[..full.len() - 7]).expect("tear");
         let mut store = FileStore::open(&p, false).expect("reopen");
         assert_eq!(store.corrupt_records(), 1);
-        assert_eq!(store.state().events().map(|e| e.id).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(
+            store.state().events().map(|e| e.id).collect::<Vec<_>>(),
+            [0, 1]
+        );
         append(&mut store, 3);
         drop(store);
         let store = FileStore::open(&p, false).expect("reopen again");
         assert_eq!(store.corrupt_records(), 0, "counted once, then cut away");
-        assert_eq!(store.state().events().map(|e| e.id).collect::<Vec<_>>(), [0, 1, 3]);
+        assert_eq!(
+            store.state().events().map(|e| e.id).collect::<Vec<_>>(),
+            [0, 1, 3]
+        );
     }
 
     #[test]
@@ -301,7 +314,10 @@ mod tests {
         std::fs::write(&p, &bytes).expect("corrupt");
         let store = FileStore::open(&p, false).expect("reopen");
         assert_eq!(store.corrupt_records(), 1);
-        assert_eq!(store.state().events().map(|e| e.id).collect::<Vec<_>>(), [0, 2, 3]);
+        assert_eq!(
+            store.state().events().map(|e| e.id).collect::<Vec<_>>(),
+            [0, 2, 3]
+        );
 
         // Garbage where a length should be, and trailing junk.
         let mut bytes = std::fs::read(&p).expect("read");
@@ -310,7 +326,10 @@ mod tests {
         std::fs::write(&p, &bytes).expect("corrupt");
         let store = FileStore::open(&p, false).expect("reopen");
         assert_eq!(store.corrupt_records(), 2);
-        assert_eq!(store.state().events().map(|e| e.id).collect::<Vec<_>>(), [0, 2, 3]);
+        assert_eq!(
+            store.state().events().map(|e| e.id).collect::<Vec<_>>(),
+            [0, 2, 3]
+        );
     }
 
     #[test]
@@ -321,16 +340,24 @@ mod tests {
         let big = "x".repeat(2_000);
         for id in 0..2_000 {
             store
-                .apply(Op::Append { event: suite::event(id, &big) })
+                .apply(Op::Append {
+                    event: suite::event(id, &big),
+                })
                 .expect("append");
             if id >= 10 {
                 store
-                    .apply(Op::Remove { ids: vec![id - 10], outcome: Outcome::Delivered })
+                    .apply(Op::Remove {
+                        ids: vec![id - 10],
+                        outcome: Outcome::Delivered,
+                    })
                     .expect("remove");
             }
         }
         let size = std::fs::metadata(&p).expect("meta").len();
-        assert!(size < 4 * COMPACT_MIN_BYTES, "log stays bounded: {size} bytes");
+        assert!(
+            size < 4 * COMPACT_MIN_BYTES,
+            "log stays bounded: {size} bytes"
+        );
         let before = store.state().clone();
         drop(store);
         let store = FileStore::open(&p, false).expect("reopen");

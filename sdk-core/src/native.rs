@@ -108,7 +108,10 @@ impl Client {
         let thread = std::thread::Builder::new()
             .name("kith-uploader".to_owned())
             .spawn(move || worker.run_uploader(transport.as_ref()))?;
-        *client.uploader.lock().unwrap_or_else(PoisonError::into_inner) = Some(thread);
+        *client
+            .uploader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(thread);
         Ok(client)
     }
 

@@ -254,7 +254,7 @@ pub(crate) mod suite {
         QueuedEvent {
             id,
             captured_at_ms: 1_000 + i64::try_from(id).expect("small id"),
-            purpose: (id % 3 == 0).then(|| "marketing".to_owned()),
+            purpose: id.is_multiple_of(3).then(|| "marketing".to_owned()),
             json: json.to_owned(),
         }
     }
@@ -262,37 +262,62 @@ pub(crate) mod suite {
     fn identity_holds(state: &QueueState) {
         let c = state.counters();
         let dropped: u64 = c.dropped.values().sum();
-        assert_eq!(c.captured, c.delivered + dropped + state.len() as u64, "{c:?}");
+        assert_eq!(
+            c.captured,
+            c.delivered + dropped + state.len() as u64,
+            "{c:?}"
+        );
     }
 
-    pub(crate) fn run(open: &mut dyn FnMut() -> Box<dyn EventStore>, reopen: &mut dyn FnMut(Box<dyn EventStore>) -> Box<dyn EventStore>) {
+    pub(crate) fn run(
+        open: &mut dyn FnMut() -> Box<dyn EventStore>,
+        reopen: &mut dyn FnMut(Box<dyn EventStore>) -> Box<dyn EventStore>,
+    ) {
         let mut store = open();
         assert!(store.state().is_empty());
         for id in 0..5 {
             store
-                .apply(Op::Append { event: event(id, &format!("{{\"n\":{id}}}")) })
+                .apply(Op::Append {
+                    event: event(id, &format!("{{\"n\":{id}}}")),
+                })
                 .expect("append");
         }
         store
-            .apply(Op::Remove { ids: vec![0, 1], outcome: Outcome::Delivered })
+            .apply(Op::Remove {
+                ids: vec![0, 1],
+                outcome: Outcome::Delivered,
+            })
             .expect("remove");
         store
             .apply(Op::Remove {
                 ids: vec![1, 2],
-                outcome: Outcome::Dropped { reason: "expired".into() },
+                outcome: Outcome::Dropped {
+                    reason: "expired".into(),
+                },
             })
             .expect("remove");
         store
-            .apply(Op::DropAtCapture { reason: "plugin".into() })
+            .apply(Op::DropAtCapture {
+                reason: "plugin".into(),
+            })
             .expect("drop");
         store
-            .apply(Op::Meta { key: "userId".into(), value: json!("u1") })
+            .apply(Op::Meta {
+                key: "userId".into(),
+                value: json!("u1"),
+            })
             .expect("meta");
         store
-            .apply(Op::Meta { key: "gone".into(), value: json!(1) })
+            .apply(Op::Meta {
+                key: "gone".into(),
+                value: json!(1),
+            })
             .expect("meta");
         store
-            .apply(Op::Meta { key: "gone".into(), value: Value::Null })
+            .apply(Op::Meta {
+                key: "gone".into(),
+                value: Value::Null,
+            })
             .expect("meta");
         identity_holds(store.state());
 
@@ -302,12 +327,23 @@ pub(crate) mod suite {
             assert_eq!(state.bytes(), 14);
             assert_eq!(state.counters().captured, 6);
             assert_eq!(state.counters().delivered, 2);
-            assert_eq!(state.counters().dropped["expired"], 1, "id 1 was already gone");
+            assert_eq!(
+                state.counters().dropped["expired"],
+                1,
+                "id 1 was already gone"
+            );
             assert_eq!(state.counters().dropped["plugin"], 1);
             assert_eq!(state.meta("userId"), Some(&json!("u1")));
             assert_eq!(state.meta("gone"), None);
             assert_eq!(state.next_id(), 5);
-            assert_eq!(state.events().next().and_then(|e| e.purpose.clone()).as_deref(), Some("marketing"));
+            assert_eq!(
+                state
+                    .events()
+                    .next()
+                    .and_then(|e| e.purpose.clone())
+                    .as_deref(),
+                Some("marketing")
+            );
             identity_holds(state);
         };
         check(store.state());

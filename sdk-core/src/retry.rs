@@ -85,11 +85,18 @@ mod tests {
             pause: Duration::from_secs(60),
         };
         let delays: Vec<Duration> = (0..200).map(|_| policy.delay(8)).collect();
-        assert!(delays.iter().all(|d| *d >= policy.initial && *d <= policy.ceiling(8)));
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= policy.initial && *d <= policy.ceiling(8))
+        );
         let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
         assert!(distinct.len() > 50, "jittered, not fixed");
         let mean = delays.iter().sum::<Duration>() / 200;
         let ceiling = policy.ceiling(8);
-        assert!(mean > ceiling / 4 && mean < ceiling * 3 / 4, "about half the ceiling: {mean:?}");
+        assert!(
+            mean > ceiling / 4 && mean < ceiling * 3 / 4,
+            "about half the ceiling: {mean:?}"
+        );
     }
 }
