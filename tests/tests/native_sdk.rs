@@ -1,0 +1,201 @@
+//! The native SDK (sdk-core's engine and uploader) against the real collector over real
+//! HTTP: events captured in Rust are found through the admin API, and a capturing
+//! process killed with SIGKILL a hundred times loses nothing whose capture returned.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use kith_collector::{Config as CollectorConfig, Running};
+use kith_sdk_core::engine::{CaptureOptions, Config, Engine};
+use kith_sdk_core::native::{Client, HttpTransport};
+use kith_sdk_core::protocol::Map;
+use kith_sdk_core::queue::MemoryStore;
+use serde_json::{Value, json};
+
+const WRITE_KEY: &str = "native-write-key";
+const ADMIN_TOKEN: &str = "native-admin-token";
+const KILLS: usize = 100;
+
+fn collector(dir: &std::path::Path) -> Running {
+    let mut config = CollectorConfig::for_data_dir(dir);
+    config.write_keys = vec![WRITE_KEY.to_owned()];
+    config.admin_token = Some(ADMIN_TOKEN.to_owned());
+    Running::start(&config).expect("collector starts")
+}
+
+fn admin(running: &Running, path: &str) -> Value {
+    reqwest::blocking::Client::new()
+        .get(running.url(path))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .expect("admin request")
+        .json()
+        .expect("json")
+}
+
+/// Every stored event, once the pipeline has caught up.
+fn all_stored(running: &Running) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while admin(running, "/v1/stats")["pending"] != 0 {
+        assert!(Instant::now() < deadline, "pipeline did not catch up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut events = Vec::new();
+    let mut path = "/v1/events?limit=1000".to_owned();
+    loop {
+        let page = admin(running, &path);
+        events.extend(
+            page["events"]
+                .as_array()
+                .expect("events")
+                .iter()
+                .map(|e| e["message"].clone()),
+        );
+        match page["next_before"].as_u64() {
+            Some(before) => path = format!("/v1/events?limit=1000&before={before}"),
+            None => return events,
+        }
+    }
+}
+
+fn object(value: Value) -> Map {
+    value.as_object().cloned().expect("object")
+}
+
+#[test]
+fn events_captured_in_rust_reach_the_collector() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = collector(dir.path());
+    let mut config = Config::new(WRITE_KEY, running.url(""));
+    config.context = object(json!({"app": {"name": "e2e", "version": "1.0"}}));
+    let engine = Engine::open(Box::new(MemoryStore::new()), config).expect("engine");
+    let transport = Arc::new(HttpTransport::new(Duration::from_secs(10)).expect("transport"));
+    let client = Client::start(engine, transport).expect("client");
+    let none = CaptureOptions::default;
+    client
+        .identify(
+            Some("rust-user"),
+            object(json!({"email": "ann@example.com"})),
+            none(),
+        )
+        .expect("identify");
+    let track = client
+        .track("Order Completed", object(json!({"total": 42})), none())
+        .expect("track");
+    client.page(Some("Home"), Map::new(), none()).expect("page");
+    client
+        .screen(Some("Settings"), Map::new(), none())
+        .expect("screen");
+    client
+        .group("acme", object(json!({"name": "Acme"})), none())
+        .expect("group");
+    client.alias("rust-user-2", none()).expect("alias");
+    client.shutdown(Duration::from_secs(10));
+    let stats = client.stats();
+    assert_eq!((stats.captured, stats.delivered, stats.pending), (6, 6, 0));
+
+    let stored = all_stored(&running);
+    assert_eq!(stored.len(), 6);
+    let by_id = admin(&running, &format!("/v1/events?message_id={track}"));
+    let event = &by_id["events"][0]["message"];
+    assert_eq!(event["event"], "Order Completed");
+    assert_eq!(event["userId"], "rust-user");
+    assert_eq!(
+        event["context"]["library"]["name"],
+        kith_sdk_core::LIBRARY_NAME
+    );
+    assert_eq!(event["context"]["app"]["name"], "e2e");
+    assert!(event["sentAt"].is_string() && event["originalTimestamp"].is_string());
+    let alias = stored
+        .iter()
+        .find(|e| e["type"] == "alias")
+        .expect("alias stored");
+    assert_eq!(alias["previousId"], "rust-user");
+    assert_eq!(admin(&running, "/v1/stats")["rejected"], json!({}));
+}
+
+#[test]
+fn a_capturing_process_killed_a_hundred_times_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = collector(&dir.path().join("collector"));
+    let queue = dir.path().join("sdk").join("events.log");
+    let url = running.url("");
+    let capture = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kith-capture"))
+            .arg(&queue)
+            .args([url.as_str(), WRITE_KEY])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("capture process starts")
+    };
+    let mut seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64
+        | 1;
+    println!("seed {seed}");
+    let mut random = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut returned: Vec<String> = Vec::new();
+    for _ in 0..KILLS {
+        let mut child = capture(&[]);
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        // Kill after a random number of returned captures: mid-capture, mid-upload.
+        let captures = random() % 40 + 1;
+        for _ in 0..captures {
+            match lines.next() {
+                Some(Ok(id)) => returned.push(id),
+                _ => break,
+            }
+        }
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+        // Lines the child wrote before dying belong to captures that returned.
+        returned.extend(lines.map_while(Result::ok));
+    }
+    let mut drain = capture(&["--drain"]);
+    let output = BufReader::new(drain.stdout.take().expect("stdout"))
+        .lines()
+        .map_while(Result::ok)
+        .last()
+        .expect("drain prints its stats");
+    assert!(drain.wait().expect("drain exits").success());
+    let stats: Value = serde_json::from_str(&output).expect("stats json");
+    assert_eq!(stats["pending"], 0, "no stuck queue: {stats}");
+    assert_eq!(stats["dropped"], json!({}), "{stats}");
+
+    let mut stored: HashMap<String, usize> = HashMap::new();
+    for event in all_stored(&running) {
+        *stored
+            .entry(event["messageId"].as_str().expect("id").to_owned())
+            .or_default() += 1;
+    }
+    assert!(
+        returned.len() >= KILLS,
+        "captures happened: {}",
+        returned.len()
+    );
+    let lost: Vec<_> = returned
+        .iter()
+        .filter(|id| !stored.contains_key(*id))
+        .take(5)
+        .collect();
+    assert!(lost.is_empty(), "captured but never delivered: {lost:?}");
+    let doubled: Vec<_> = stored.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(doubled.is_empty(), "delivered more than once: {doubled:?}");
+    println!(
+        "{} captures returned across {KILLS} kills; {} events stored, each once; corrupt records skipped: {}",
+        returned.len(),
+        stored.len(),
+        stats["corrupt_records"]
+    );
+}
