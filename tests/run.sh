@@ -8,6 +8,7 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "Rust components"
 rustup component add rustfmt clippy
+rustup target add wasm32-unknown-unknown
 
 step "Client libraries for the compatibility tests (npm and PyPI, pinned)"
 (cd tests/compat && npm ci --no-audit --no-fund --loglevel=error)
@@ -20,7 +21,10 @@ step "Formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "Tests (unit, integration, crash, client libraries)"
+step "sdk-core builds for the browser (wasm32)"
+cargo build --quiet -p kith-sdk-core --target wasm32-unknown-unknown
+
+step "Tests (unit, integration, property, fault injection, crash, client libraries)"
 cargo test --workspace -- --include-ignored
 
 step "Load tool smoke run (the real figures come from a release build, see BENCHMARKS.md)"

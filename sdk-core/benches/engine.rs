@@ -1,5 +1,9 @@
 //! Criterion benchmarks of the client engine: the cost of one capture with the memory
-//! store and with the file store, and of encoding a batch body.
+//! store and with the file store, and of encoding a batch body. Each has a baseline
+//! measured in the same run, so figures can be read as ratios on a noisy machine:
+//! serializing the same message with serde_json (the least a capture must do), and
+//! appending the same bytes to a file with one `write` (the least a durable capture
+//! must do).
 //!
 //! Run: `cargo bench -p kith-sdk-core --bench engine`.
 
@@ -27,6 +31,28 @@ fn engine(store: Box<dyn EventStore>) -> Engine {
     config.max_queue_events = usize::MAX;
     config.max_queue_bytes = usize::MAX;
     Engine::open(store, config).unwrap_or_else(|e| panic!("engine opens: {e}"))
+}
+
+fn baselines(c: &mut Criterion) {
+    let message = json!({"type": "track", "event": "Product Added", "properties": properties(),
+        "messageId": "5f0c6b2e-8a4e-4a36-9a5e-0c1d2e3f4a5b", "anonymousId": "a1",
+        "timestamp": "2026-11-29T12:00:00Z",
+        "context": {"library": {"name": "kith-sdk-core", "version": "0.1.0"}}});
+    c.bench_function("baseline: serialize the message", |b| {
+        b.iter(|| black_box(serde_json::to_string(&message)));
+    });
+    let bytes = message.to_string().into_bytes();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.path().join("raw.log"))
+        .unwrap_or_else(|e| panic!("file opens: {e}"));
+    c.bench_function("baseline: append the bytes to a file", |b| {
+        b.iter(|| {
+            std::io::Write::write_all(&mut file, &bytes).unwrap_or_else(|e| panic!("write: {e}"))
+        });
+    });
 }
 
 fn capture(c: &mut Criterion) {
@@ -79,5 +105,5 @@ fn encoding(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, capture, encoding);
+criterion_group!(benches, baselines, capture, encoding);
 criterion_main!(benches);

@@ -570,9 +570,11 @@ impl Engine {
             }
         }
         message.validate()?;
-        let json = serde_json::to_string(&message).map_err(StoreError::from)?;
-        if json.len() > MAX_EVENT_BYTES {
-            return Err(CaptureError::TooLarge { size: json.len() });
+        let json = serde_json::value::to_raw_value(&message).map_err(StoreError::from)?;
+        if json.get().len() > MAX_EVENT_BYTES {
+            return Err(CaptureError::TooLarge {
+                size: json.get().len(),
+            });
         }
         let id = self.store.state().next_id();
         self.store.apply(Op::Append {
@@ -688,14 +690,14 @@ impl Engine {
         let mut oldest_ms = None;
         let mut full = false;
         for event in self.store.state().events().filter(|e| self.sendable(e)) {
-            if ids.len() == self.batch_limit || bytes + event.json.len() + 1 > budget {
+            if ids.len() == self.batch_limit || bytes + event.json().len() + 1 > budget {
                 full = true;
                 break;
             }
             oldest_ms.get_or_insert(event.captured_at_ms);
-            bytes += event.json.len() + 1;
+            bytes += event.json().len() + 1;
             ids.push(event.id);
-            events.push(event.json.as_str());
+            events.push(event.json());
         }
         let Some(oldest_ms) = oldest_ms else {
             self.flush_requested = false;

@@ -212,7 +212,7 @@ impl EventStore for FileStore {
                 let freed: u64 = ids
                     .iter()
                     .filter_map(|id| self.state.get(*id))
-                    .map(|e| e.json.len() as u64 + 64)
+                    .map(|e| e.json().len() as u64 + 64)
                     .sum();
                 self.live_bytes = self.live_bytes.saturating_sub(freed);
             }
@@ -337,7 +337,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = path(&dir);
         let mut store = FileStore::open(&p, false).expect("open");
-        let big = "x".repeat(2_000);
+        let big = format!("\"{}\"", "x".repeat(2_000));
         for id in 0..2_000 {
             store
                 .apply(Op::Append {

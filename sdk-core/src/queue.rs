@@ -12,9 +12,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// An event waiting in the queue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QueuedEvent {
     /// Position in the queue; increases with capture order.
     pub id: u64,
@@ -23,9 +24,28 @@ pub struct QueuedEvent {
     /// The consent purpose the event needs, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purpose: Option<String>,
-    /// The message, serialized once at capture.
-    pub json: String,
+    /// The message, serialized once at capture, and written to a store's log as raw
+    /// JSON (not re-escaped as a string).
+    pub json: Box<RawValue>,
 }
+
+impl QueuedEvent {
+    /// The message JSON.
+    pub fn json(&self) -> &str {
+        self.json.get()
+    }
+}
+
+impl PartialEq for QueuedEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.captured_at_ms == other.captured_at_ms
+            && self.purpose == other.purpose
+            && self.json.get() == other.json.get()
+    }
+}
+
+impl Eq for QueuedEvent {}
 
 /// What became of events leaving the queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,8 +61,11 @@ pub enum Outcome {
 }
 
 /// One change to a store. Stores persist ops; [`QueueState::apply`] interprets them.
+///
+/// Externally tagged (`{"append": {...}}`): an internally tagged enum would buffer its
+/// content, and raw JSON cannot be read back from a buffer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Op {
     /// An event was captured and queued.
     Append {
@@ -105,9 +128,9 @@ impl QueueState {
             Op::Append { event } => {
                 self.counters.captured += 1;
                 self.next_id = self.next_id.max(event.id + 1);
-                self.bytes += event.json.len();
+                self.bytes += event.json().len();
                 if let Some(replaced) = self.events.insert(event.id, event.clone()) {
-                    self.bytes -= replaced.json.len();
+                    self.bytes -= replaced.json().len();
                 }
             }
             Op::Remove { ids, outcome } => {
@@ -115,7 +138,7 @@ impl QueueState {
                     let Some(event) = self.events.remove(id) else {
                         continue;
                     };
-                    self.bytes -= event.json.len();
+                    self.bytes -= event.json().len();
                     match outcome {
                         Outcome::Delivered => self.counters.delivered += 1,
                         Outcome::Dropped { reason } => {
@@ -255,7 +278,7 @@ pub(crate) mod suite {
             id,
             captured_at_ms: 1_000 + i64::try_from(id).expect("small id"),
             purpose: id.is_multiple_of(3).then(|| "marketing".to_owned()),
-            json: json.to_owned(),
+            json: RawValue::from_string(json.to_owned()).expect("valid JSON"),
         }
     }
 
