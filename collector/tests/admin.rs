@@ -190,3 +190,32 @@ fn events_counters_and_generated_credentials_survive_a_restart() {
         .expect("json");
     assert_eq!(events["events"].as_array().map(Vec::len), Some(1));
 }
+
+#[test]
+fn a_collector_that_is_shutting_down_answers_503_with_retry_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let collector = kith_collector::Collector::open(&common::config(dir.path())).expect("opens");
+    let router = collector.router();
+    // The log writer is closed: nothing more can be made durable.
+    collector.shutdown();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    runtime.spawn(async move { axum::serve(listener, router).await });
+    let response = reqwest::blocking::Client::new()
+        .post(format!("http://{addr}/v1/track"))
+        .basic_auth(common::WRITE_KEY, Some(""))
+        .body(json!({"event": "E", "userId": "u"}).to_string())
+        .send()
+        .expect("sent");
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(error_code(response), (503, "unavailable".to_owned()));
+    let readyz = reqwest::blocking::get(format!("http://{addr}/readyz")).expect("sent");
+    assert_eq!(readyz.status(), 503);
+}

@@ -140,7 +140,7 @@ impl FileStore {
         }
         let (ops, corrupt) = decode_all(&bytes);
         let mut state = QueueState::default();
-        for op in &ops {
+        for op in ops {
             state.apply(op);
         }
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
@@ -218,7 +218,7 @@ impl EventStore for FileStore {
             }
             _ => {}
         }
-        self.state.apply(&op);
+        self.state.apply(op);
         if self.file_bytes > COMPACT_MIN_BYTES && self.file_bytes > self.live_bytes * COMPACT_RATIO
         {
             self.compact()?;

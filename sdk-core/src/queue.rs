@@ -123,23 +123,23 @@ pub struct QueueState {
 
 impl QueueState {
     /// Applies one op. Idempotent for removals, so replaying a log is safe.
-    pub fn apply(&mut self, op: &Op) {
+    pub fn apply(&mut self, op: Op) {
         match op {
             Op::Append { event } => {
                 self.counters.captured += 1;
                 self.next_id = self.next_id.max(event.id + 1);
                 self.bytes += event.json().len();
-                if let Some(replaced) = self.events.insert(event.id, event.clone()) {
+                if let Some(replaced) = self.events.insert(event.id, event) {
                     self.bytes -= replaced.json().len();
                 }
             }
             Op::Remove { ids, outcome } => {
                 for id in ids {
-                    let Some(event) = self.events.remove(id) else {
+                    let Some(event) = self.events.remove(&id) else {
                         continue;
                     };
                     self.bytes -= event.json().len();
-                    match outcome {
+                    match &outcome {
                         Outcome::Delivered => self.counters.delivered += 1,
                         Outcome::Dropped { reason } => {
                             *self.counters.dropped.entry(reason.clone()).or_default() += 1;
@@ -149,18 +149,18 @@ impl QueueState {
             }
             Op::DropAtCapture { reason } => {
                 self.counters.captured += 1;
-                *self.counters.dropped.entry(reason.clone()).or_default() += 1;
+                *self.counters.dropped.entry(reason).or_default() += 1;
             }
             Op::Meta { key, value } => {
                 if value.is_null() {
-                    self.meta.remove(key);
+                    self.meta.remove(&key);
                 } else {
-                    self.meta.insert(key.clone(), value.clone());
+                    self.meta.insert(key, value);
                 }
             }
             Op::Snapshot { counters, next_id } => {
-                self.counters = counters.clone();
-                self.next_id = self.next_id.max(*next_id);
+                self.counters = counters;
+                self.next_id = self.next_id.max(next_id);
             }
         }
     }
@@ -257,7 +257,7 @@ impl MemoryStore {
 
 impl EventStore for MemoryStore {
     fn apply(&mut self, op: Op) -> Result<(), StoreError> {
-        self.state.apply(&op);
+        self.state.apply(op);
         Ok(())
     }
 
