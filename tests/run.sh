@@ -10,8 +10,15 @@ step "Rust components"
 rustup component add rustfmt clippy
 rustup target add wasm32-unknown-unknown
 
-step "Client libraries for the compatibility tests (npm and PyPI, pinned)"
+step "System packages: Debian's JNA, for the Kotlin bindings on the JVM"
+if [ ! -f /usr/share/java/jna.jar ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjna-java
+fi
+
+step "npm and PyPI packages (pinned): client libraries, the Kotlin compiler, pytest"
 (cd tests/compat && npm ci --no-audit --no-fund --loglevel=error)
+(cd sdk-mobile/tools && npm ci --no-audit --no-fund --loglevel=error)
 if [ ! -x tests/compat/.venv/bin/python ]; then
   python3 -m venv tests/compat/.venv
 fi
@@ -21,11 +28,25 @@ step "Formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "sdk-mobile: the committed Kotlin, Swift and Python bindings are current"
+generated=$(mktemp -d)
+trap 'rm -rf "$generated"' EXIT
+bash sdk-mobile/generate.sh "$generated"
+if ! diff -r sdk-mobile/bindings "$generated"; then
+  echo "sdk-mobile/bindings differ from what sdk-mobile/generate.sh produces: run it and commit" >&2
+  exit 1
+fi
+# No Swift compiler exists on Linux; the C header of the Swift bindings is checked with gcc.
+gcc -fsyntax-only -Wno-pragma-once-outside-header -D_Nonnull= -D_Nullable= -x c sdk-mobile/bindings/swift/KithFFI.h
+
 step "sdk-core builds for the browser (wasm32)"
 cargo build --quiet -p kith-sdk-core --target wasm32-unknown-unknown
 
 step "Tests (unit, integration, property, fault injection, crash, client libraries)"
 cargo test --workspace -- --include-ignored
+
+step "Python bindings under pytest"
+tests/compat/.venv/bin/python -m pytest -q sdk-mobile/tests/python
 
 step "Load tool smoke run (the real figures come from a release build, see BENCHMARKS.md)"
 cargo build --quiet -p kith-collector --bins

@@ -52,6 +52,20 @@ const META_USER_ID: &str = "userId";
 const META_TRAITS: &str = "traits";
 const META_RETRY: &str = "retry";
 const META_CONSENT: &str = "consent";
+const META_APP_VERSION: &str = "app";
+const META_PUSH_TOKEN: &str = "pushToken";
+
+/// Segment's names for the application lifecycle events.
+pub mod lifecycle {
+    /// First launch of the app on this device.
+    pub const INSTALLED: &str = "Application Installed";
+    /// First launch after the version or build changed.
+    pub const UPDATED: &str = "Application Updated";
+    /// The app came to the foreground.
+    pub const OPENED: &str = "Application Opened";
+    /// The app went to the background.
+    pub const BACKGROUNDED: &str = "Application Backgrounded";
+}
 
 /// Reasons events are dropped, as counted in [`Stats::dropped`].
 pub mod reason {
@@ -248,6 +262,7 @@ pub struct Engine {
     batch_limit: usize,
     flush_requested: bool,
     next_batch_id: u64,
+    opened_since_launch: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -319,6 +334,7 @@ impl Engine {
             batch_limit,
             flush_requested: false,
             next_batch_id: 1,
+            opened_since_launch: false,
         };
         if anonymous_id.is_none() {
             engine.new_anonymous_id()?;
@@ -558,6 +574,15 @@ impl Engine {
                 "library".to_owned(),
                 json!({"name": LIBRARY_NAME, "version": LIBRARY_VERSION}),
             );
+            if let Some(Value::Object(push)) = self.store.state().meta(META_PUSH_TOKEN)
+                && let Value::Object(device) = context
+                    .entry("device")
+                    .or_insert_with(|| Value::Object(Map::new()))
+            {
+                for (key, value) in push {
+                    device.insert(key.clone(), value.clone());
+                }
+            }
             common.context = Some(context);
             common.integrations = options.integrations;
         }
@@ -607,6 +632,118 @@ impl Engine {
                 },
             })?;
         }
+    }
+
+    /// Reports that the app launched at `version` (`build`): emits `Application
+    /// Installed` on the first launch ever and `Application Updated` (with the previous
+    /// version and build) when they changed since the last launch.
+    ///
+    /// # Errors
+    ///
+    /// See [`CaptureError`].
+    pub fn app_launched(
+        &mut self,
+        version: &str,
+        build: &str,
+        now: Timestamp,
+    ) -> Result<Option<String>, CaptureError> {
+        self.opened_since_launch = false;
+        let current = json!({"version": version, "build": build});
+        let previous = self.store.state().meta(META_APP_VERSION).cloned();
+        let event = match &previous {
+            None => Some((lifecycle::INSTALLED, current.clone())),
+            Some(previous) if *previous != current => Some((
+                lifecycle::UPDATED,
+                json!({"version": version, "build": build,
+                       "previous_version": previous["version"], "previous_build": previous["build"]}),
+            )),
+            Some(_) => None,
+        };
+        let Some((name, properties)) = event else {
+            return Ok(None);
+        };
+        let properties = properties.as_object().cloned().unwrap_or_default();
+        let id = self.track(name, properties, CaptureOptions::default(), now)?;
+        self.store.apply(Op::Meta {
+            key: META_APP_VERSION.to_owned(),
+            value: current,
+        })?;
+        Ok(Some(id))
+    }
+
+    /// Reports that the app came to the foreground: emits `Application Opened`, with
+    /// `from_background` false for the first time since launch.
+    ///
+    /// # Errors
+    ///
+    /// See [`CaptureError`].
+    pub fn app_foregrounded(&mut self, now: Timestamp) -> Result<String, CaptureError> {
+        let app = self
+            .store
+            .state()
+            .meta(META_APP_VERSION)
+            .cloned()
+            .unwrap_or(Value::Null);
+        let mut properties = Map::new();
+        properties.insert(
+            "from_background".to_owned(),
+            Value::from(self.opened_since_launch),
+        );
+        for key in ["version", "build"] {
+            if let Some(value) = app.get(key) {
+                properties.insert(key.to_owned(), value.clone());
+            }
+        }
+        self.opened_since_launch = true;
+        self.track(
+            lifecycle::OPENED,
+            properties,
+            CaptureOptions::default(),
+            now,
+        )
+    }
+
+    /// Reports that the app went to the background: emits `Application Backgrounded`
+    /// and flushes, since the app may not run again soon.
+    ///
+    /// # Errors
+    ///
+    /// See [`CaptureError`].
+    pub fn app_backgrounded(&mut self, now: Timestamp) -> Result<String, CaptureError> {
+        let id = self.track(
+            lifecycle::BACKGROUNDED,
+            Map::new(),
+            CaptureOptions::default(),
+            now,
+        )?;
+        self.flush();
+        Ok(id)
+    }
+
+    /// Keeps the device's push token (`provider` is `fcm`, `apns`...): every later event
+    /// carries it as `context.device.token` and `context.device.tokenProvider`, and an
+    /// `identify` is sent now so the collector learns it at once.
+    ///
+    /// # Errors
+    ///
+    /// See [`CaptureError`].
+    pub fn set_push_token(
+        &mut self,
+        provider: &str,
+        token: &str,
+        now: Timestamp,
+    ) -> Result<String, CaptureError> {
+        self.store.apply(Op::Meta {
+            key: META_PUSH_TOKEN.to_owned(),
+            value: json!({"token": token, "tokenProvider": provider}),
+        })?;
+        let user_id = self.user_id.clone();
+        self.identify(
+            user_id.as_deref(),
+            Map::new(),
+            CaptureOptions::default(),
+            now,
+        )
     }
 
     /// Grants or revokes consent for a purpose. Granting releases the held events of
@@ -1420,6 +1557,79 @@ mod tests {
         assert_eq!(e.stats().dropped[reason::CONSENT_REVOKED], 1);
         assert_eq!(e.stats().pending, 0);
         assert_identity(&e);
+    }
+
+    #[test]
+    fn lifecycle_events_follow_segments_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("q.log");
+        let open = || {
+            Engine::open(
+                Box::new(FileStore::open(&path, false).expect("store")),
+                config(),
+            )
+            .expect("engine")
+        };
+        let mut e = open();
+        assert!(e.app_launched("1.0", "10", t(0)).expect("launch").is_some());
+        e.app_foregrounded(t(1)).expect("opened");
+        e.app_backgrounded(t(2)).expect("backgrounded");
+        let request = send(&mut e, t(2));
+        e.on_upload_result(request.batch_id, ok("{}"), t(2))
+            .expect("ok");
+        e.app_foregrounded(t(3)).expect("opened again");
+        e.flush();
+        let again: Value = serde_json::from_str(&send(&mut e, t(3)).body).expect("json");
+        assert_eq!(again["batch"][0]["properties"]["from_background"], true);
+        let body: Value = serde_json::from_str(&request.body).expect("json");
+        let b = body["batch"].as_array().expect("batch");
+        assert_eq!(b[0]["event"], lifecycle::INSTALLED);
+        assert_eq!(b[0]["properties"], json!({"version": "1.0", "build": "10"}));
+        assert_eq!(b[1]["event"], lifecycle::OPENED);
+        assert_eq!(
+            b[1]["properties"],
+            json!({"from_background": false, "version": "1.0", "build": "10"})
+        );
+        assert_eq!(b[2]["event"], lifecycle::BACKGROUNDED);
+        assert_eq!(b.len(), 3, "backgrounding flushed at once");
+        drop(e);
+
+        let mut e = open();
+        assert_eq!(
+            e.app_launched("1.0", "10", t(10)).expect("launch"),
+            None,
+            "same version: nothing"
+        );
+        drop(e);
+        let mut e = open();
+        e.app_launched("1.1", "11", t(20)).expect("launch");
+        e.flush();
+        let body: Value = serde_json::from_str(&send(&mut e, t(20)).body).expect("json");
+        let b = body["batch"].as_array().expect("batch");
+        let updated = b
+            .iter()
+            .find(|m| m["event"] == lifecycle::UPDATED)
+            .expect("updated");
+        assert_eq!(
+            updated["properties"],
+            json!({"version": "1.1", "build": "11", "previous_version": "1.0", "previous_build": "10"})
+        );
+    }
+
+    #[test]
+    fn push_tokens_ride_on_every_later_event() {
+        let mut e = engine();
+        e.set_push_token("fcm", "tok-1", t(0)).expect("token");
+        e.track("After", Map::new(), CaptureOptions::default(), t(0))
+            .expect("track");
+        e.flush();
+        let body: Value = serde_json::from_str(&send(&mut e, t(0)).body).expect("json");
+        let b = body["batch"].as_array().expect("batch");
+        assert_eq!(b[0]["type"], "identify");
+        for event in b {
+            assert_eq!(event["context"]["device"]["token"], "tok-1");
+            assert_eq!(event["context"]["device"]["tokenProvider"], "fcm");
+        }
     }
 
     struct Tag;
