@@ -98,7 +98,7 @@ fn encoding(c: &mut Criterion) {
         c.bench_function(&format!("encode batch of {n}"), |b| {
             b.iter_batched(
                 || vec![event.as_str(); n],
-                |events| black_box(encode_batch(&events, Timestamp::UNIX_EPOCH)),
+                |events| black_box(encode_batch(&events, Timestamp::UNIX_EPOCH, None)),
                 BatchSize::SmallInput,
             );
         });

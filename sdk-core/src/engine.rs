@@ -845,7 +845,7 @@ impl Engine {
         if !(full || self.flush_requested || millis(now) >= due_ms) {
             return Ok(UploadTask::Wait(duration_until(now, due_ms)));
         }
-        let body = encode_batch(&events, now);
+        let body = encode_batch(&events, now, None);
         let batch_id = self.next_batch_id;
         self.next_batch_id += 1;
         let count = ids.len();
@@ -1003,6 +1003,46 @@ impl Engine {
         Ok(())
     }
 
+    /// Bodies for `navigator.sendBeacon` when the page is going away: every sendable
+    /// event, in bodies of at most `max_body` bytes that carry the write key. The events
+    /// stay queued: a page that is going away cannot learn whether its beacon arrived, so
+    /// whoever runs this queue next sends them again, and the collector deduplicates them
+    /// by `messageId`.
+    pub fn beacon_bodies(&self, max_body: usize, now: Timestamp) -> Vec<String> {
+        let budget = max_body.saturating_sub(ENVELOPE_BYTES + self.config.write_key.len());
+        let mut bodies = Vec::new();
+        let mut events: Vec<&str> = Vec::new();
+        let mut bytes = 0;
+        for event in self.store.state().events().filter(|e| self.sendable(e)) {
+            let size = event.json().len() + 1;
+            if !events.is_empty() && bytes + size > budget {
+                bodies.push(encode_batch(&events, now, Some(&self.config.write_key)));
+                events.clear();
+                bytes = 0;
+            }
+            if size <= budget {
+                events.push(event.json());
+                bytes += size;
+            }
+        }
+        if !events.is_empty() {
+            bodies.push(encode_batch(&events, now, Some(&self.config.write_key)));
+        }
+        bodies
+    }
+
+    /// Queues an event another queue captured (a closed browser tab's), keeping its
+    /// capture time and purpose. It counts as captured here.
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot persist it.
+    pub fn adopt(&mut self, mut event: QueuedEvent) -> Result<(), StoreError> {
+        event.id = self.store.state().next_id();
+        self.store.apply(Op::Append { event })?;
+        self.enforce_budgets()
+    }
+
     /// Event accounting and upload state.
     pub fn stats(&self) -> Stats {
         let state = self.store.state();
@@ -1020,10 +1060,11 @@ impl Engine {
     }
 }
 
-/// The body of `POST /v1/batch` for already-serialized events, stamped with `sentAt`.
-pub fn encode_batch(events: &[&str], sent_at: Timestamp) -> String {
+/// The body of `POST /v1/batch` for already-serialized events, stamped with `sentAt`,
+/// and carrying the write key when given (for `sendBeacon`, which cannot set headers).
+pub fn encode_batch(events: &[&str], sent_at: Timestamp, write_key: Option<&str>) -> String {
     let size: usize = events.iter().map(|e| e.len() + 1).sum();
-    let mut body = String::with_capacity(size + 64);
+    let mut body = String::with_capacity(size + 128);
     body.push_str("{\"batch\":[");
     for (i, event) in events.iter().enumerate() {
         if i > 0 {
@@ -1033,7 +1074,12 @@ pub fn encode_batch(events: &[&str], sent_at: Timestamp) -> String {
     }
     body.push_str("],\"sentAt\":\"");
     body.push_str(&sent_at.to_string());
-    body.push_str("\"}");
+    body.push('"');
+    if let Some(key) = write_key {
+        body.push_str(",\"writeKey\":");
+        body.push_str(&Value::from(key).to_string());
+    }
+    body.push('}');
     body
 }
 
@@ -1614,6 +1660,54 @@ mod tests {
             updated["properties"],
             json!({"version": "1.1", "build": "11", "previous_version": "1.0", "previous_build": "10"})
         );
+    }
+
+    #[test]
+    fn beacon_bodies_stay_small_carry_the_key_and_keep_the_events() {
+        let mut e = engine();
+        for _ in 0..10 {
+            e.track(
+                "Big",
+                props(json!({"blob": "x".repeat(20_000)})),
+                CaptureOptions::default(),
+                t(0),
+            )
+            .expect("captured");
+        }
+        let bodies = e.beacon_bodies(64 * 1024, t(1));
+        assert!(bodies.len() >= 4, "{}", bodies.len());
+        let mut count = 0;
+        for body in &bodies {
+            assert!(body.len() < 64 * 1024, "{}", body.len());
+            let value: Value = serde_json::from_str(body).expect("json");
+            assert_eq!(value["writeKey"], "key");
+            count += value["batch"].as_array().map_or(0, Vec::len);
+        }
+        assert_eq!(count, 10);
+        assert_eq!(e.stats().pending, 10, "beaconed events stay queued");
+    }
+
+    #[test]
+    fn adopted_events_keep_their_message() {
+        let mut other = engine();
+        other
+            .track("Orphan", Map::new(), CaptureOptions::default(), t(0))
+            .expect("captured");
+        let orphan = other
+            .store
+            .state()
+            .events()
+            .next()
+            .cloned()
+            .expect("queued");
+        let mut e = engine();
+        e.adopt(orphan.clone()).expect("adopted");
+        e.flush();
+        let request = send(&mut e, t(0));
+        let body: Value = serde_json::from_str(&request.body).expect("json");
+        let sent: Value = serde_json::from_str(orphan.json()).expect("json");
+        assert_eq!(body["batch"][0], sent);
+        assert_eq!(e.stats().captured, 1);
     }
 
     #[test]

@@ -1,7 +1,18 @@
-//! Kith's browser SDK: the [`kith_sdk_core`] engine exported through wasm-bindgen as an
-//! npm package.
+//! Kith's browser SDK: the [`kith_sdk_core`] engine exported through wasm-bindgen as the
+//! npm package built by `sdk-wasm/build.sh` into `sdk-wasm/pkg`.
 //!
-//! This crate is a placeholder until the browser SDK lands; it only re-exports the wire
-//! protocol so that the workspace layout is complete and builds.
+//! - `browser`: the exported `Analytics` class; the page does the I/O (fetch, timers,
+//!   `sendBeacon`, Web Locks) and drives the engine.
+//! - `local_storage`: the queue in `localStorage`, one queue per tab, adopted by another
+//!   tab when its page is gone.
+//!
+//! On other targets the crate is empty, so the workspace builds everywhere.
 
-pub use kith_sdk_core::protocol;
+// The one place where the browser build differs from the native one.
+#[cfg(target_arch = "wasm32")]
+mod browser;
+#[cfg(target_arch = "wasm32")]
+mod local_storage;
+
+#[cfg(target_arch = "wasm32")]
+pub use browser::Analytics;
