@@ -10,15 +10,21 @@ step "Rust components"
 rustup component add rustfmt clippy
 rustup target add wasm32-unknown-unknown
 
-step "System packages: Debian's JNA, for the Kotlin bindings on the JVM"
-if [ ! -f /usr/share/java/jna.jar ]; then
+step "System packages: Debian's JNA (Kotlin bindings on the JVM) and Chromium (browser SDK)"
+if [ ! -f /usr/share/java/jna.jar ] || [ ! -x /usr/bin/chromium ]; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjna-java
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjna-java chromium
 fi
 
-step "npm and PyPI packages (pinned): client libraries, the Kotlin compiler, pytest"
+step "wasm-bindgen-cli, pinned to the wasm-bindgen crate's version"
+if [ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen 0.2.130" ]; then
+  cargo install wasm-bindgen-cli --version 0.2.130
+fi
+
+step "npm and PyPI packages (pinned): client libraries, Kotlin compiler, Playwright, tsc, binaryen, pytest"
 (cd tests/compat && npm ci --no-audit --no-fund --loglevel=error)
 (cd sdk-mobile/tools && npm ci --no-audit --no-fund --loglevel=error)
+(cd sdk-wasm/tests && npm ci --no-audit --no-fund --loglevel=error)
 if [ ! -x tests/compat/.venv/bin/python ]; then
   python3 -m venv tests/compat/.venv
 fi
@@ -39,14 +45,18 @@ fi
 # No Swift compiler exists on Linux; the C header of the Swift bindings is checked with gcc.
 gcc -fsyntax-only -Wno-pragma-once-outside-header -D_Nonnull= -D_Nullable= -x c sdk-mobile/bindings/swift/KithFFI.h
 
-step "sdk-core builds for the browser (wasm32)"
-cargo build --quiet -p kith-sdk-core --target wasm32-unknown-unknown
+step "sdk-core and sdk-wasm lint clean for the browser (wasm32)"
+cargo clippy --quiet -p kith-sdk-core -p kith-sdk-wasm --target wasm32-unknown-unknown -- -D warnings
 
 step "Tests (unit, integration, property, fault injection, crash, client libraries)"
 cargo test --workspace -- --include-ignored
 
 step "Python bindings under pytest"
 tests/compat/.venv/bin/python -m pytest -q sdk-mobile/tests/python
+
+step "Browser SDK: the npm package, then real Chromium against the real collector"
+bash sdk-wasm/build.sh
+node --test sdk-wasm/tests/
 
 step "Load tool smoke run (the real figures come from a release build, see BENCHMARKS.md)"
 cargo build --quiet -p kith-collector --bins

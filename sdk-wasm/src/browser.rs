@@ -157,11 +157,9 @@ fn window() -> Window {
     web_sys::window().expect_throw("Kith runs in a browser window")
 }
 
-/// The automatic context: page, user agent, locale, time zone, screen.
-fn page_context() -> Map {
+/// What stays the same for the life of the page: user agent, locale, time zone, screen.
+fn device_context() -> Map {
     let window = window();
-    let document = window.document();
-    let location = window.location();
     let navigator = window.navigator();
     let resolved = js_sys::Intl::DateTimeFormat::new(&js_sys::Array::new(), &js_sys::Object::new())
         .resolved_options();
@@ -170,13 +168,6 @@ fn page_context() -> Map {
         .and_then(|v| v.as_string());
     let screen = window.screen().ok();
     let context = json!({
-        "page": {
-            "path": location.pathname().unwrap_or_default(),
-            "referrer": document.as_ref().map(web_sys::Document::referrer).unwrap_or_default(),
-            "search": location.search().unwrap_or_default(),
-            "title": document.as_ref().map(web_sys::Document::title).unwrap_or_default(),
-            "url": location.href().unwrap_or_default(),
-        },
         "userAgent": navigator.user_agent().unwrap_or_default(),
         "locale": navigator.language().unwrap_or_default(),
         "timezone": timezone,
@@ -187,6 +178,20 @@ fn page_context() -> Map {
         },
     });
     context.as_object().cloned().unwrap_or_default()
+}
+
+/// The current page: read at each capture, since single-page apps change it.
+fn page_context() -> Value {
+    let window = window();
+    let document = window.document();
+    let location = window.location();
+    json!({
+        "path": location.pathname().unwrap_or_default(),
+        "referrer": document.as_ref().map(web_sys::Document::referrer).unwrap_or_default(),
+        "search": location.search().unwrap_or_default(),
+        "title": document.as_ref().map(web_sys::Document::title).unwrap_or_default(),
+        "url": location.href().unwrap_or_default(),
+    })
 }
 
 struct Inner {
@@ -222,6 +227,7 @@ impl Analytics {
         let store =
             LocalStorageStore::open(&prefix, &tab).map_err(|e| JsError::new(&e.to_string()))?;
         let mut config = Config::new(options.write_key, options.endpoint);
+        config.context = device_context();
         config.flush_interval = Duration::from_millis(
             options
                 .flush_interval_ms
@@ -288,7 +294,7 @@ impl Analytics {
         options: Option<CaptureOptionsJs>,
     ) -> Result<String, JsError> {
         let mut properties = object_arg(properties, "properties")?;
-        if let Some(Value::Object(page)) = page_context().remove("page") {
+        if let Value::Object(page) = page_context() {
             for (key, value) in page {
                 properties.entry(key).or_insert(value);
             }
@@ -412,10 +418,8 @@ impl Analytics {
         call: impl FnOnce(&mut Engine, CaptureOptions) -> Result<String, CaptureError>,
         options: CallOptions,
     ) -> Result<String, JsError> {
-        let mut context = page_context();
-        for (key, value) in options.context.unwrap_or_default() {
-            context.insert(key, value);
-        }
+        let mut context = options.context.unwrap_or_default();
+        context.entry("page").or_insert_with(page_context);
         let capture = CaptureOptions {
             purpose: options.purpose,
             context: Some(context),

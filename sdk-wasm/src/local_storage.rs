@@ -10,11 +10,13 @@
 //!
 //! Keys, under a prefix (`kith` by default):
 //! - `{prefix}:q:{tab}:e:{id}`: a queued event (sdk-core's `QueuedEvent` as JSON);
-//! - `{prefix}:q:{tab}:c`: the tab's counters;
 //! - `{prefix}:q:{tab}:alive`: written once the tab holds its lock;
 //! - `{prefix}:m:{name}`: shared metadata.
+//!
+//! A tab's counters are kept in memory only: its queue outlives it only to be adopted,
+//! and the adopting tab counts adopted events as its own captures.
 
-use kith_sdk_core::queue::{Counters, EventStore, Op, QueueState, QueuedEvent, StoreError};
+use kith_sdk_core::queue::{EventStore, Op, QueueState, QueuedEvent, StoreError};
 use web_sys::Storage;
 
 /// The queue of one tab in `localStorage`.
@@ -89,10 +91,6 @@ impl LocalStorageStore {
         format!("{}e:{id}", Self::queue_prefix(&self.prefix, &self.tab))
     }
 
-    fn counters_key(&self) -> String {
-        format!("{}c", Self::queue_prefix(&self.prefix, &self.tab))
-    }
-
     /// Marks this tab's queue as owned by a live tab (call once its lock is held).
     pub fn mark_alive(&self) {
         if let Ok(storage) = storage() {
@@ -160,12 +158,6 @@ impl LocalStorageStore {
         }
     }
 
-    fn write_counters(&self, storage: &Storage) -> Result<(), StoreError> {
-        let counters: &Counters = self.state.counters();
-        storage
-            .set_item(&self.counters_key(), &serde_json::to_string(counters)?)
-            .map_err(io("write counters"))
-    }
 }
 
 impl EventStore for LocalStorageStore {
@@ -194,11 +186,7 @@ impl EventStore for LocalStorageStore {
             }
             Op::DropAtCapture { .. } | Op::Snapshot { .. } => {}
         }
-        let counts = !matches!(op, Op::Meta { .. });
         self.state.apply(op);
-        if counts {
-            self.write_counters(&storage)?;
-        }
         Ok(())
     }
 
