@@ -157,7 +157,6 @@ impl LocalStorageStore {
             }
         }
     }
-
 }
 
 impl EventStore for LocalStorageStore {
