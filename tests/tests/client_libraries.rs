@@ -9,48 +9,20 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kith_collector::{Config, Running};
+use kith_collector::Running;
+use kith_e2e::{WRITE_KEY, admin, stored};
 use kith_sdk_core::protocol::{Batch, Common, Message, Track};
 use serde_json::{Value, json};
 
-const WRITE_KEY: &str = "compat-write-key";
-const ADMIN_TOKEN: &str = "compat-admin-token";
-
 fn collector() -> (tempfile::TempDir, Running) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::for_data_dir(dir.path());
-    config.write_keys = vec![WRITE_KEY.to_owned()];
-    config.admin_token = Some(ADMIN_TOKEN.to_owned());
-    let running = Running::start(&config).expect("collector starts");
+    let running = kith_e2e::collector(dir.path());
     (dir, running)
 }
 
-fn admin(running: &Running, path: &str) -> Value {
-    reqwest::blocking::Client::new()
-        .get(running.url(path))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .expect("admin request")
-        .json()
-        .expect("json")
-}
-
-/// Stored events of `user_id`, oldest first, once the pipeline has caught up.
+/// Stored events of `user_id`, oldest first.
 fn events_of(running: &Running, user_id: &str) -> Vec<Value> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while admin(running, "/v1/stats")["pending"] != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pipeline did not catch up"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let mut events: Vec<Value> = admin(running, &format!("/v1/events?user_id={user_id}"))["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .map(|e| e["message"].clone())
-        .collect();
+    let mut events = stored(running, &format!("user_id={user_id}"));
     events.reverse();
     events
 }

@@ -10,13 +10,9 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
-use kith_collector::{Config, Running};
-use serde_json::Value;
+use kith_e2e::{ADMIN_TOKEN, WRITE_KEY, admin, caught_up, collector};
 
-const WRITE_KEY: &str = "kotlin-write-key";
-const ADMIN_TOKEN: &str = "kotlin-admin-token";
 const JNA: &str = "/usr/share/java/jna.jar";
 
 fn repo() -> PathBuf {
@@ -95,13 +91,6 @@ fn succeeded(output: Output) -> String {
     stdout
 }
 
-fn collector(dir: &Path) -> Running {
-    let mut config = Config::for_data_dir(dir);
-    config.write_keys = vec![WRITE_KEY.to_owned()];
-    config.admin_token = Some(ADMIN_TOKEN.to_owned());
-    Running::start(&config).expect("collector starts")
-}
-
 fn run_mode(mode: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let running = collector(&dir.path().join("collector"));
@@ -161,22 +150,9 @@ fn kotlin_events_survive_sigkill_and_are_delivered_once() {
             .expect("java runs"),
     );
     assert!(stdout.contains("pending=0"), "{stdout}");
-    let http = reqwest::blocking::Client::new();
-    let get = |path: &str| -> Value {
-        http.get(running.url(path))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .expect("admin")
-            .json()
-            .expect("json")
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get("/v1/stats")["pending"] != 0 {
-        assert!(Instant::now() < deadline, "pipeline did not catch up");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    caught_up(&running);
     for id in &captured {
-        let found = get(&format!("/v1/events?message_id={id}"));
+        let found = admin(&running, &format!("/v1/events?message_id={id}"));
         assert_eq!(
             found["events"].as_array().map(Vec::len),
             Some(1),

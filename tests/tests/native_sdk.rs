@@ -6,60 +6,16 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use kith_collector::{Config as CollectorConfig, Running};
+use kith_e2e::{WRITE_KEY, admin, collector, stored};
 use kith_sdk_core::engine::{CaptureOptions, Config, Engine};
 use kith_sdk_core::native::{Client, HttpTransport};
 use kith_sdk_core::protocol::Map;
 use kith_sdk_core::queue::MemoryStore;
 use serde_json::{Value, json};
 
-const WRITE_KEY: &str = "native-write-key";
-const ADMIN_TOKEN: &str = "native-admin-token";
 const KILLS: usize = 100;
-
-fn collector(dir: &std::path::Path) -> Running {
-    let mut config = CollectorConfig::for_data_dir(dir);
-    config.write_keys = vec![WRITE_KEY.to_owned()];
-    config.admin_token = Some(ADMIN_TOKEN.to_owned());
-    Running::start(&config).expect("collector starts")
-}
-
-fn admin(running: &Running, path: &str) -> Value {
-    reqwest::blocking::Client::new()
-        .get(running.url(path))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .expect("admin request")
-        .json()
-        .expect("json")
-}
-
-/// Every stored event, once the pipeline has caught up.
-fn all_stored(running: &Running) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while admin(running, "/v1/stats")["pending"] != 0 {
-        assert!(Instant::now() < deadline, "pipeline did not catch up");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut events = Vec::new();
-    let mut path = "/v1/events?limit=1000".to_owned();
-    loop {
-        let page = admin(running, &path);
-        events.extend(
-            page["events"]
-                .as_array()
-                .expect("events")
-                .iter()
-                .map(|e| e["message"].clone()),
-        );
-        match page["next_before"].as_u64() {
-            Some(before) => path = format!("/v1/events?limit=1000&before={before}"),
-            None => return events,
-        }
-    }
-}
 
 fn object(value: Value) -> Map {
     value.as_object().cloned().expect("object")
@@ -97,7 +53,7 @@ fn events_captured_in_rust_reach_the_collector() {
     let stats = client.stats();
     assert_eq!((stats.captured, stats.delivered, stats.pending), (6, 6, 0));
 
-    let stored = all_stored(&running);
+    let stored = stored(&running, "");
     assert_eq!(stored.len(), 6);
     let by_id = admin(&running, &format!("/v1/events?message_id={track}"));
     let event = &by_id["events"][0]["message"];
@@ -173,9 +129,9 @@ fn a_capturing_process_killed_a_hundred_times_loses_nothing() {
     assert_eq!(stats["pending"], 0, "no stuck queue: {stats}");
     assert_eq!(stats["dropped"], json!({}), "{stats}");
 
-    let mut stored: HashMap<String, usize> = HashMap::new();
-    for event in all_stored(&running) {
-        *stored
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for event in stored(&running, "") {
+        *counts
             .entry(event["messageId"].as_str().expect("id").to_owned())
             .or_default() += 1;
     }
@@ -186,16 +142,16 @@ fn a_capturing_process_killed_a_hundred_times_loses_nothing() {
     );
     let lost: Vec<_> = returned
         .iter()
-        .filter(|id| !stored.contains_key(*id))
+        .filter(|id| !counts.contains_key(*id))
         .take(5)
         .collect();
     assert!(lost.is_empty(), "captured but never delivered: {lost:?}");
-    let doubled: Vec<_> = stored.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(doubled.is_empty(), "delivered more than once: {doubled:?}");
     println!(
         "{} captures returned across {KILLS} kills; {} events stored, each once; corrupt records skipped: {}",
         returned.len(),
-        stored.len(),
+        counts.len(),
         stats["corrupt_records"]
     );
 }
