@@ -22,6 +22,12 @@ pub enum StoreError {
     /// The log writer has stopped (the collector is shutting down).
     #[error("the collector is shutting down")]
     ShuttingDown,
+    /// A background thread could not be started.
+    #[error("cannot start {0}")]
+    Start(String),
+    /// The group commit this request was part of failed (logged with its cause).
+    #[error("the group commit failed")]
+    CommitFailed,
 }
 
 /// An error answered to an HTTP client. Each variant is one thing the client can do.

@@ -154,7 +154,7 @@ impl Collector {
         ))];
         let pipeline = Pipeline::new(store.clone(), stats.clone(), stages, live.clone())
             .start(wake.clone())
-            .map_err(|e| StoreError::Corrupt(format!("cannot start the pipeline: {e}")))?;
+            .map_err(|e| StoreError::Start(format!("the pipeline: {e}")))?;
         let writer = LogWriter::start(store.clone(), stats.clone(), wake.clone())?;
 
         let state = AppState {

@@ -64,7 +64,7 @@ impl LogWriter {
         let thread = std::thread::Builder::new()
             .name("kith-log-writer".to_owned())
             .spawn(move || run(&store, &stats, &wake, &rx, next_seq))
-            .map_err(|e| StoreError::Corrupt(format!("cannot start the log writer: {e}")))?;
+            .map_err(|e| StoreError::Start(format!("the log writer: {e}")))?;
         Ok(LogWriter {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -128,7 +128,7 @@ fn run(store: &Store, stats: &Stats, wake: &Wake, rx: &Receiver<Pending>, mut ne
         for pending in group {
             let answer = match &result {
                 Ok(()) => Ok(()),
-                Err(_) => Err(StoreError::Corrupt("group commit failed".to_owned())),
+                Err(_) => Err(StoreError::CommitFailed),
             };
             // A client that went away no longer waits for its answer; that is fine.
             let _ = pending.done.send(answer);

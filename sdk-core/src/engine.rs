@@ -820,7 +820,11 @@ impl Engine {
         {
             return Ok(UploadTask::Wait(duration_until(now, next)));
         }
-        let budget = self.config.max_batch_bytes.min(MAX_BATCH_BYTES) - ENVELOPE_BYTES;
+        let budget = self
+            .config
+            .max_batch_bytes
+            .min(MAX_BATCH_BYTES)
+            .saturating_sub(ENVELOPE_BYTES);
         let mut ids = Vec::new();
         let mut events = Vec::new();
         let mut bytes = 0;
