@@ -11,7 +11,7 @@
 //! by one are dropped with their reason); 413 splits the batch (a lone event is dropped
 //! as `too_large`); 429 and 503 wait for `Retry-After`; 401, 403 and 404 pause uploads
 //! for [`RetryPolicy::pause`] without losing events; other 4xx drop the batch as
-//! `rejected:<status>`; 5xx and network errors back off with full jitter. One batch is
+//! `rejected:<status>`; 408, 5xx and network errors back off with full jitter. One batch is
 //! in flight at a time, and retry state is persisted, so a client never sends faster
 //! than one request per backoff interval, across restarts too.
 
@@ -971,8 +971,10 @@ impl Engine {
                     paused: false,
                 })?;
             }
+            // 408 (request timeout) and 429 are transient; any other 4xx says this batch
+            // will never be taken.
             UploadResult::Response { status, .. }
-                if (400..500).contains(&status) && status != 429 =>
+                if (400..500).contains(&status) && status != 408 && status != 429 =>
             {
                 self.store.apply(Op::Remove {
                     ids,
