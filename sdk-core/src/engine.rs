@@ -233,11 +233,26 @@ pub struct Stats {
     pub corrupt_records: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 struct RetryState {
     failures: u32,
     next_attempt_ms: Option<i64>,
     paused: bool,
+}
+
+impl RetryState {
+    /// Read by hand from the stored JSON rather than by a derived `Deserialize`: in the
+    /// browser every typed deserializer costs download size.
+    fn from_value(value: &Value) -> Self {
+        RetryState {
+            failures: value["failures"]
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
+            next_attempt_ms: value["next_attempt_ms"].as_i64(),
+            paused: value["paused"].as_bool().unwrap_or(false),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -314,11 +329,17 @@ impl Engine {
             .unwrap_or_default();
         let consent = state
             .meta(META_CONSENT)
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .and_then(Value::as_object)
+            .map(|purposes| {
+                purposes
+                    .iter()
+                    .filter_map(|(purpose, granted)| Some((purpose.clone(), granted.as_bool()?)))
+                    .collect()
+            })
             .unwrap_or_default();
         let retry = state
             .meta(META_RETRY)
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .map(RetryState::from_value)
             .unwrap_or_default();
         let batch_limit = config.max_batch_events.max(1);
         let mut engine = Engine {
@@ -1091,22 +1112,18 @@ pub fn encode_batch(events: &[&str], sent_at: Timestamp, write_key: Option<&str>
 
 /// The `(index, code)` pairs of a collector's `rejected` list, if the body has one.
 fn rejected_indexes(body: Option<&str>) -> Vec<(usize, String)> {
-    #[derive(Deserialize)]
-    struct Reply {
-        #[serde(default)]
-        rejected: Vec<Rejected>,
-    }
-    #[derive(Deserialize)]
-    struct Rejected {
-        index: usize,
-        code: String,
-    }
-    body.and_then(|b| serde_json::from_str::<Reply>(b).ok())
-        .map(|reply| {
-            reply
-                .rejected
-                .into_iter()
-                .map(|r| (r.index, r.code))
+    let Some(reply) = body.and_then(|b| serde_json::from_str::<Value>(b).ok()) else {
+        return Vec::new();
+    };
+    reply["rejected"]
+        .as_array()
+        .map(|rejected| {
+            rejected
+                .iter()
+                .filter_map(|r| {
+                    let index = usize::try_from(r["index"].as_u64()?).ok()?;
+                    Some((index, r["code"].as_str()?.to_owned()))
+                })
                 .collect()
         })
         .unwrap_or_default()

@@ -13,7 +13,6 @@ use kith_sdk_core::engine::{
     CaptureError, CaptureOptions, Config, Engine, UploadRequest, UploadResult, UploadTask,
 };
 use kith_sdk_core::protocol::Map;
-use serde::Deserialize;
 use serde_json::{Value, json};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
@@ -101,28 +100,32 @@ extern "C" {
     pub type PushSubscriptionJs;
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Options {
-    write_key: String,
-    endpoint: String,
-    flush_at: Option<usize>,
-    flush_interval_ms: Option<u64>,
-    max_queue_bytes: Option<usize>,
-    #[serde(default)]
-    auto_page: bool,
-    storage_prefix: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
+/// Options and per-call options are read from JSON by hand, not by derived
+/// deserializers: in the browser every typed deserializer costs download size.
 struct CallOptions {
     purpose: Option<String>,
     context: Option<Map>,
 }
 
-/// A JS value as JSON text, or a clear error for what `JSON.stringify` refuses
-/// (cycles, BigInt) or drops (functions, `undefined`).
-fn to_json<T: for<'de> Deserialize<'de>>(value: &JsValue, what: &str) -> Result<T, JsError> {
+impl CallOptions {
+    fn from_value(value: &Value) -> Self {
+        CallOptions {
+            purpose: value["purpose"].as_str().map(str::to_owned),
+            context: value["context"].as_object().cloned(),
+        }
+    }
+
+    fn none() -> Self {
+        CallOptions {
+            purpose: None,
+            context: None,
+        }
+    }
+}
+
+/// A JS value as JSON, or a clear error for what `JSON.stringify` refuses (cycles,
+/// BigInt).
+fn to_json(value: &JsValue, what: &str) -> Result<Value, JsError> {
     let text = JSON::stringify(value)
         .map_err(|e| {
             JsError::new(&format!(
@@ -141,7 +144,12 @@ fn object_arg(value: Option<JsonObject>, what: &str) -> Result<Map, JsError> {
     match value {
         None => Ok(Map::new()),
         Some(v) if v.is_undefined() || v.is_null() => Ok(Map::new()),
-        Some(v) => to_json(&v, what),
+        Some(v) => match to_json(&v, what)? {
+            Value::Object(map) => Ok(map),
+            other => Err(JsError::new(&format!(
+                "{what} must be an object, not {other}"
+            ))),
+        },
     }
 }
 
@@ -214,11 +222,18 @@ impl Analytics {
     /// and starts sending. Throws on bad options or when `localStorage` is unavailable.
     #[wasm_bindgen(constructor)]
     pub fn new(options: AnalyticsOptions) -> Result<Analytics, JsError> {
-        let options: Options = to_json(&options, "options")?;
-        let prefix = options
-            .storage_prefix
-            .clone()
-            .unwrap_or_else(|| "kith".to_owned());
+        let options = to_json(&options, "options")?;
+        let (Some(write_key), Some(endpoint)) =
+            (options["writeKey"].as_str(), options["endpoint"].as_str())
+        else {
+            return Err(JsError::new(
+                "options need a writeKey and an endpoint (strings)",
+            ));
+        };
+        let prefix = options["storagePrefix"]
+            .as_str()
+            .unwrap_or("kith")
+            .to_owned();
         let tab = format!(
             "{:x}{:x}",
             js_sys::Date::now() as u64,
@@ -226,15 +241,22 @@ impl Analytics {
         );
         let store =
             LocalStorageStore::open(&prefix, &tab).map_err(|e| JsError::new(&e.to_string()))?;
-        let mut config = Config::new(options.write_key, options.endpoint);
+        let mut config = Config::new(write_key, endpoint);
         config.context = device_context();
         config.flush_interval = Duration::from_millis(
-            options
-                .flush_interval_ms
+            options["flushIntervalMs"]
+                .as_u64()
                 .unwrap_or(DEFAULT_FLUSH_INTERVAL_MS),
         );
-        config.max_queue_bytes = options.max_queue_bytes.unwrap_or(DEFAULT_QUEUE_BYTES);
-        if let Some(n) = options.flush_at.filter(|n| *n > 0) {
+        config.max_queue_bytes = options["maxQueueBytes"]
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(DEFAULT_QUEUE_BYTES);
+        if let Some(n) = options["flushAt"]
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| *n > 0)
+        {
             config.max_batch_events = n;
         }
         let engine =
@@ -250,7 +272,7 @@ impl Analytics {
         };
         analytics.hold_tab_lock();
         analytics.listen_for_page_exit();
-        if options.auto_page {
+        if options["autoPage"].as_bool() == Some(true) {
             analytics.page(None, None, None)?;
         }
         schedule(&analytics.inner);
@@ -335,7 +357,7 @@ impl Analytics {
         &self,
         #[wasm_bindgen(js_name = userId)] user_id: String,
     ) -> Result<String, JsError> {
-        self.capture(|e, o| e.alias(&user_id, o, now()), CallOptions::default())
+        self.capture(|e, o| e.alias(&user_id, o, now()), CallOptions::none())
     }
 
     /// Forgets the user: new anonymous id, no user id or traits.
@@ -388,7 +410,7 @@ impl Analytics {
         &self,
         subscription: PushSubscriptionJs,
     ) -> Result<String, JsError> {
-        let value: Value = to_json(&subscription, "the push subscription")?;
+        let value = to_json(&subscription, "the push subscription")?;
         let valid = value["endpoint"].is_string()
             && value["keys"]["p256dh"].is_string()
             && value["keys"]["auth"].is_string();
@@ -400,15 +422,17 @@ impl Analytics {
         let token = json!({"endpoint": value["endpoint"], "keys": value["keys"]}).to_string();
         self.capture(
             |e, _| e.set_push_token("webpush", &token, now()),
-            CallOptions::default(),
+            CallOptions::none(),
         )
     }
 }
 
 fn call_options(options: Option<CaptureOptionsJs>) -> Result<CallOptions, JsError> {
     match options {
-        Some(o) if !o.is_undefined() && !o.is_null() => to_json(&o, "options"),
-        _ => Ok(CallOptions::default()),
+        Some(o) if !o.is_undefined() && !o.is_null() => {
+            Ok(CallOptions::from_value(&to_json(&o, "options")?))
+        }
+        _ => Ok(CallOptions::none()),
     }
 }
 

@@ -140,7 +140,7 @@ impl LocalStorageStore {
                     .get_item(&key)
                     .ok()
                     .flatten()
-                    .and_then(|v| serde_json::from_str::<QueuedEvent>(&v).ok())
+                    .and_then(|v| queued_event(&v))
             {
                 events.push(event);
             }
@@ -157,6 +157,18 @@ impl LocalStorageStore {
             }
         }
     }
+}
+
+/// A stored `QueuedEvent`, read by hand rather than by a derived deserializer (each one
+/// costs download size in the browser).
+fn queued_event(text: &str) -> Option<QueuedEvent> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    Some(QueuedEvent {
+        id: value["id"].as_u64()?,
+        captured_at_ms: value["captured_at_ms"].as_i64()?,
+        purpose: value["purpose"].as_str().map(str::to_owned),
+        json: serde_json::value::to_raw_value(value.get("json")?).ok()?,
+    })
 }
 
 impl EventStore for LocalStorageStore {
