@@ -7,6 +7,7 @@
 //! deduplicate, persist) → [`admin`] (queries, live tail, counters from [`stats`]).
 
 pub mod admin;
+pub mod child;
 pub mod config;
 pub mod error;
 pub mod ingest;

@@ -4,9 +4,8 @@
 //! stored exactly once.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -33,36 +32,13 @@ impl XorShift {
 }
 
 fn start(data_dir: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kith-collector"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--write-key",
-            WRITE_KEY,
-            "--admin-token",
-            ADMIN_TOKEN,
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("collector starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("collector printed its address")
-            .expect("line");
-        if let Some(url) = line.strip_prefix("listening on ") {
-            break url.to_owned();
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, url)
+    kith_collector::child::spawn(
+        Path::new(env!("CARGO_BIN_EXE_kith-collector")),
+        data_dir,
+        WRITE_KEY,
+        ADMIN_TOKEN,
+    )
+    .expect("collector starts")
 }
 
 fn client(id: usize, url: &RwLock<String>, acked: &Mutex<HashSet<String>>, stop: &AtomicBool) {

@@ -1157,6 +1157,11 @@ mod tests {
         Engine::open(Box::new(MemoryStore::new()), config()).expect("opens")
     }
 
+    fn file_engine(path: &std::path::Path) -> Engine {
+        let store = FileStore::open(path, false).expect("store");
+        Engine::open(Box::new(store), config()).expect("engine")
+    }
+
     fn props(value: Value) -> Map {
         value.as_object().cloned().expect("object")
     }
@@ -1310,13 +1315,7 @@ mod tests {
     fn identity_and_retry_state_survive_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("q.log");
-        let open = || {
-            Engine::open(
-                Box::new(FileStore::open(&path, false).expect("store")),
-                config(),
-            )
-            .expect("engine")
-        };
+        let open = || file_engine(&path);
         let mut e = open();
         let anonymous = e.anonymous_id().to_owned();
         e.identify(Some("u1"), Map::new(), CaptureOptions::default(), t(0))
@@ -1632,13 +1631,7 @@ mod tests {
     fn lifecycle_events_follow_segments_names() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("q.log");
-        let open = || {
-            Engine::open(
-                Box::new(FileStore::open(&path, false).expect("store")),
-                config(),
-            )
-            .expect("engine")
-        };
+        let open = || file_engine(&path);
         let mut e = open();
         assert!(e.app_launched("1.0", "10", t(0)).expect("launch").is_some());
         e.app_foregrounded(t(1)).expect("opened");

@@ -9,9 +9,7 @@
 //!
 //! Run: `cargo run --release -p kith-collector --bin kith-load -- --events 500000`.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -118,36 +116,6 @@ fn raw_sled_rate(args: &Args, events: &[Vec<Vec<u8>>]) -> f64 {
     })
 }
 
-fn start_collector(path: &PathBuf, data_dir: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(path)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--write-key",
-            WRITE_KEY,
-            "--admin-token",
-            ADMIN_TOKEN,
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("collector printed its address")
-            .expect("line");
-        if let Some(url) = line.strip_prefix("listening on ") {
-            break url.to_owned();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, url)
-}
-
 fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib: f64 = status
@@ -189,7 +157,9 @@ fn main() {
     println!("raw sled (apply_batch + flush per batch): {raw:.0} events/s");
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut child, url) = start_collector(&collector, dir.path());
+    let (mut child, url) =
+        kith_collector::child::spawn(&collector, dir.path(), WRITE_KEY, ADMIN_TOKEN)
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", collector.display()));
     let http = reqwest::blocking::Client::builder()
         .pool_max_idle_per_host(args.clients)
         .timeout(Duration::from_secs(60))
