@@ -1,5 +1,6 @@
 //! The admin API (`Authorization: Bearer <admin token>`): stored events with filters,
-//! the live tail a developer watches while instrumenting an app, and the counters. Also
+//! the live tail a developer watches while instrumenting an app, and the counters; the
+//! processing routes ([`crate::processing::api`]) sit behind the same check. Also
 //! the unauthenticated probes: `/healthz`, `/readyz` and Prometheus `/metrics`.
 
 use std::convert::Infallible;
@@ -35,7 +36,26 @@ pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/v1/events", get(events))
         .route("/v1/events/live", get(live))
         .route("/v1/stats", get(stats))
+        .merge(crate::processing::api::routes())
         .route_layer(middleware::from_fn_with_state(state, require_admin))
+}
+
+/// Runs storage work off the async runtime.
+///
+/// # Errors
+///
+/// The work's own error, or 503 when the blocking task could not run.
+pub async fn blocking<T, E>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: Into<ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .map_err(Into::into)
 }
 
 /// Compares without stopping at the first differing byte, so that timing does not
@@ -134,9 +154,7 @@ async fn events(
     let before = query.before;
     let filter = query.filter()?;
     let store = state.store.clone();
-    let found = tokio::task::spawn_blocking(move || store.query(&filter, before, limit))
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))??;
+    let found = blocking(move || store.query(&filter, before, limit)).await?;
     let next_before = (found.len() == limit)
         .then(|| found.last().map(|e| e.seq))
         .flatten();

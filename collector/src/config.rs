@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::processing::SourceRules;
 
 /// How long a `(source, messageId)` pair is remembered for deduplication by default.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 60 * 60);
@@ -60,6 +63,56 @@ pub struct Config {
     /// Memory for sled's page cache, in bytes.
     #[arg(long, env = "KITH_CACHE_BYTES", default_value_t = DEFAULT_CACHE_BYTES)]
     pub cache_bytes: u64,
+
+    /// A JSON config file: sources with their write keys and processing rules, and the
+    /// default rules (see the README). Its rules are applied at each start.
+    #[arg(long = "config", env = "KITH_CONFIG", value_parser = FileConfig::load)]
+    pub file: Option<FileConfig>,
+}
+
+/// What the config file (`--config`) holds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// Sources: each write key accepted, with its own processing rules.
+    pub sources: Vec<SourceConfig>,
+    /// Rules for the sources without their own.
+    pub default_rules: Option<SourceRules>,
+}
+
+/// One source of the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// The source's write key.
+    pub write_key: String,
+    /// Its processing rules; without them it gets the default rules.
+    #[serde(default)]
+    pub rules: Option<SourceRules>,
+}
+
+impl FileConfig {
+    /// Reads and checks a config file.
+    ///
+    /// # Errors
+    ///
+    /// A sentence naming the file and what is wrong in it.
+    pub fn load(path: &str) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        let config: FileConfig = serde_json::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
+        let rules = config
+            .sources
+            .iter()
+            .filter_map(|s| s.rules.as_ref().map(|r| (s.write_key.as_str(), r)))
+            .chain(config.default_rules.as_ref().map(|r| ("default_rules", r)));
+        for (whose, rules) in rules {
+            rules
+                .clone()
+                .compile()
+                .map_err(|e| format!("{path}: rules of {whose}: {e}"))?;
+        }
+        Ok(config)
+    }
 }
 
 impl Config {
@@ -74,6 +127,7 @@ impl Config {
             dedup_window: DEFAULT_DEDUP_WINDOW,
             rate_limit: 0,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            file: None,
         }
     }
 }
@@ -116,5 +170,48 @@ mod tests {
         assert!(config.trusted_proxies[1].contains(&"127.0.0.1".parse::<IpAddr>().expect("ip")));
         assert_eq!(config.dedup_window, Duration::from_secs(12 * 3600));
         assert!(Config::try_parse_from(["kith-collector", "--trusted-proxy", "nope"]).is_err());
+    }
+
+    #[test]
+    fn the_config_file_is_read_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kith.json");
+        let write = |text: &str| std::fs::write(&path, text).expect("write");
+        let arg = path.to_str().expect("utf-8 path");
+        write(
+            r#"{"sources": [{"write_key": "wk_web", "rules": {"cleaning": {"default_region": "GB"}}}],
+                  "default_rules": {"transformations": [{"op": "drop", "path": "context.ip"}]}}"#,
+        );
+        let config = Config::try_parse_from(["kith-collector", "--config", arg]).expect("parses");
+        let file = config.file.expect("file read");
+        assert_eq!(file.sources[0].write_key, "wk_web");
+        assert!(file.default_rules.is_some());
+
+        for (bad, says) in [
+            (
+                r#"{"sources": [{"write_key": "k", "rules": {"cleaning": {"default_region": "XX"}}}]}"#,
+                "rules of k",
+            ),
+            (
+                r#"{"default_rules": {"transformations": [{"op": "drop", "path": "type"}]}}"#,
+                "default_rules",
+            ),
+            (r#"{"sourcez": []}"#, "unknown field"),
+            ("not json", "expected"),
+        ] {
+            write(bad);
+            let error = Config::try_parse_from(["kith-collector", "--config", arg])
+                .expect_err("bad config")
+                .to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+        let missing =
+            Config::try_parse_from(["kith-collector", "--config", "/nonexistent/kith.json"]);
+        assert!(
+            missing
+                .expect_err("missing file")
+                .to_string()
+                .contains("cannot read")
+        );
     }
 }

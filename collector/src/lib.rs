@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod ingest;
 pub mod pipeline;
+pub mod processing;
 pub mod ratelimit;
 pub mod server;
 pub mod stats;

@@ -2,12 +2,15 @@
 //! event through an ordered list of [`Stage`]s.
 //!
 //! Stages are small and per event: each looks at one [`StoredEvent`], may change it, and
-//! answers [`Outcome::Continue`] or [`Outcome::Drop`] with a reason. The first stage is
-//! [`Deduplicate`]; cleaning, identity, segments and activation join the same list later.
+//! answers [`Outcome::Continue`], [`Outcome::Drop`] with a reason, or [`Outcome::Fail`]
+//! (the event moves to the failed-events store, as it came in, to be replayed). The
+//! stages are processing ([`crate::processing::Process`]) then [`Deduplicate`], so that
+//! only events that are kept claim their `messageId`, and a replayed event is not taken
+//! for a duplicate of itself; identity, segments and activation join the same list.
 //!
 //! Storing is the runner's last step, not a stage, because the log is also the event
 //! store: an event that passed every stage is indexed (and written back in place if a
-//! stage changed it), one a stage dropped is removed, and the entries up to the
+//! stage changed it), one a stage dropped or failed is removed, and the entries up to the
 //! checkpoint are the stored events. The chunk's index writes go in sorted batches. Crash safety: a chunk's effects are written first, then the checkpoint with
 //! the counters in one atomic batch, then a flush. A crash anywhere replays the chunk
 //! from the old checkpoint, and every effect is idempotent for the same `seq`
@@ -23,7 +26,7 @@ use tokio::sync::broadcast;
 
 use crate::error::StoreError;
 use crate::stats::{DUPLICATE, Stats};
-use crate::store::{Settlement, Store, StoredEvent};
+use crate::store::{FailedEvent, Settlement, Store, StoredEvent};
 
 /// How many log entries one pipeline pass takes.
 const CHUNK_EVENTS: usize = 2_000;
@@ -35,12 +38,15 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 const CORRUPT_RECORD: &str = "corrupt_record";
 
 /// What a stage decides for an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Pass the event to the next stage.
     Continue,
     /// Stop here; the event is counted as dropped for this reason.
     Drop(&'static str),
+    /// Stop here; the event goes to the failed-events store, counted by the code, kept
+    /// with the full reason, to be replayed once the rules are fixed.
+    Fail(&'static str, String),
 }
 
 /// One step of the pipeline, run on each event in log order.
@@ -209,6 +215,7 @@ impl Pipeline {
         };
         let count = entries.len();
         let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+        let mut failed: BTreeMap<String, u64> = BTreeMap::new();
         let mut settlement = Settlement::default();
         let mut live = Vec::new();
         let watching = self.live.receiver_count() > 0;
@@ -222,10 +229,18 @@ impl Pipeline {
                     continue;
                 }
             };
-            if let Outcome::Drop(reason) = self.run_stages(&mut event)? {
-                *dropped.entry(reason.to_owned()).or_default() += 1;
-                settlement.remove(seq);
-                continue;
+            match self.run_stages(&mut event)? {
+                Outcome::Continue => {}
+                Outcome::Drop(reason) => {
+                    *dropped.entry(reason.to_owned()).or_default() += 1;
+                    settlement.remove(seq);
+                    continue;
+                }
+                Outcome::Fail(code, reason) => {
+                    *failed.entry(code.to_owned()).or_default() += 1;
+                    settlement.fail(FailedEvent::new(seq, &value, code, reason)?);
+                    continue;
+                }
             }
             settlement.keep(&event, &value)?;
             if watching {
@@ -234,7 +249,7 @@ impl Pipeline {
         }
         self.store.settle(settlement)?;
         let mut counters = self.stats.pipeline();
-        counters.add(count as u64, &dropped);
+        counters.add(count as u64, &dropped, &failed);
         self.store.commit_checkpoint(last, &counters)?;
         self.store.flush()?;
         self.stats.set_pipeline(counters);
@@ -247,8 +262,9 @@ impl Pipeline {
 
     fn run_stages(&self, event: &mut StoredEvent) -> Result<Outcome, StoreError> {
         for stage in &self.stages {
-            if let Outcome::Drop(reason) = stage.process(event)? {
-                return Ok(Outcome::Drop(reason));
+            let outcome = stage.process(event)?;
+            if outcome != Outcome::Continue {
+                return Ok(outcome);
             }
         }
         Ok(Outcome::Continue)

@@ -18,9 +18,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tower_http::cors::CorsLayer;
 
-use crate::config::Config;
+use crate::config::{Config, FileConfig};
 use crate::error::{ApiError, StoreError};
 use crate::pipeline::{Deduplicate, Pipeline, Stage, Wake};
+use crate::processing::{DEFAULT_RULES, Process, Rules};
 use crate::ratelimit::RateLimiter;
 use crate::stats::Stats;
 use crate::store::Store;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub trusted_proxies: Vec<IpNet>,
     /// The per-source rate limit, when configured.
     pub limiter: Option<RateLimiter>,
+    /// Each source's processing rules.
+    pub rules: Arc<Rules>,
     sources: HashMap<String, Arc<str>>,
     shutdown: watch::Sender<bool>,
 }
@@ -55,6 +58,11 @@ impl AppState {
     /// The source id behind a write key.
     pub fn source_for(&self, write_key: &str) -> Option<Arc<str>> {
         self.sources.get(write_key).cloned()
+    }
+
+    /// The ids of the sources this collector accepts.
+    pub fn source_ids(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.sources.values()
     }
 
     /// Whether the collector is ready for traffic (not shutting down).
@@ -120,6 +128,29 @@ fn credential(
     Ok(Credential { value, generated })
 }
 
+/// The stored rules, with the config file's applied over them (and stored).
+fn load_rules(store: &Store, file: &FileConfig) -> Result<Rules, StoreError> {
+    let rules = Rules::default();
+    let from_file = file
+        .sources
+        .iter()
+        .filter_map(|s| s.rules.clone().map(|r| (source_id(&s.write_key), r)))
+        .chain(
+            file.default_rules
+                .clone()
+                .map(|r| (DEFAULT_RULES.to_owned(), r)),
+        );
+    for (source, source_rules) in from_file {
+        store.put_rules(&source, Some(&source_rules))?;
+    }
+    for (source, source_rules) in store.rules()? {
+        rules
+            .set(&source, source_rules)
+            .map_err(|e| StoreError::Corrupt(format!("stored rules of {source}: {e}")))?;
+    }
+    Ok(rules)
+}
+
 impl Collector {
     /// Opens the store in `config.data_dir`, resolves credentials (generating and storing
     /// a dev write key and an admin token when none is given) and starts the log writer
@@ -130,28 +161,35 @@ impl Collector {
     /// When the store cannot be opened or the threads cannot start.
     pub fn open(config: &Config) -> Result<Self, StoreError> {
         let store = Arc::new(Store::open(&config.data_dir, config.cache_bytes)?);
-        let write_keys = if config.write_keys.is_empty() {
+        let file = config.file.clone().unwrap_or_default();
+        let given: Vec<String> = config
+            .write_keys
+            .iter()
+            .chain(file.sources.iter().map(|s| &s.write_key))
+            .cloned()
+            .collect();
+        let write_keys = if given.is_empty() {
             vec![credential(&store, None, "write_key", "wk")?]
         } else {
-            config
-                .write_keys
-                .iter()
-                .map(|key| Credential {
-                    value: key.clone(),
+            given
+                .into_iter()
+                .map(|value| Credential {
+                    value,
                     generated: false,
                 })
                 .collect()
         };
+        let rules = Arc::new(load_rules(&store, &file)?);
         let admin_token = credential(&store, config.admin_token.clone(), "admin_token", "adm")?;
         let (ingest, pipeline_counters) = store.counters()?;
         let stats = Arc::new(Stats::restore(ingest, pipeline_counters));
         let wake = Arc::new(Wake::default());
         let (live, _) = broadcast::channel(LIVE_BUFFER);
 
-        let stages: Vec<Box<dyn Stage>> = vec![Box::new(Deduplicate::new(
-            store.clone(),
-            config.dedup_window,
-        ))];
+        let stages: Vec<Box<dyn Stage>> = vec![
+            Box::new(Process::new(rules.clone())),
+            Box::new(Deduplicate::new(store.clone(), config.dedup_window)),
+        ];
         let pipeline = Pipeline::new(store.clone(), stats.clone(), stages, live.clone())
             .start(wake.clone())
             .map_err(|e| StoreError::Start(format!("the pipeline: {e}")))?;
@@ -165,6 +203,7 @@ impl Collector {
             admin_token: admin_token.value.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
             limiter: (config.rate_limit > 0).then(|| RateLimiter::new(config.rate_limit)),
+            rules,
             sources: write_keys
                 .iter()
                 .map(|key| (key.value.clone(), Arc::from(source_id(&key.value))))

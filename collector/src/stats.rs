@@ -32,14 +32,25 @@ pub struct PipelineCounters {
     pub processed: u64,
     /// Events a stage dropped, by reason (`duplicate`...).
     pub dropped: BTreeMap<String, u64>,
+    /// Events a stage moved to the failed-events store, by failure code.
+    #[serde(default)]
+    pub failed: BTreeMap<String, u64>,
 }
 
 impl PipelineCounters {
     /// Adds the outcome of one pipeline chunk.
-    pub fn add(&mut self, processed: u64, dropped: &BTreeMap<String, u64>) {
+    pub fn add(
+        &mut self,
+        processed: u64,
+        dropped: &BTreeMap<String, u64>,
+        failed: &BTreeMap<String, u64>,
+    ) {
         self.processed += processed;
         for (reason, n) in dropped {
             add(&mut self.dropped, reason, *n);
+        }
+        for (code, n) in failed {
+            add(&mut self.failed, code, *n);
         }
     }
 }
@@ -66,6 +77,8 @@ pub struct StatsReport {
     pub deduplicated: u64,
     /// Accepted events dropped by any stage, by reason.
     pub dropped: BTreeMap<String, u64>,
+    /// Accepted events moved to the failed-events store, by failure code.
+    pub failed: BTreeMap<String, u64>,
     /// Accepted events the pipeline has stored.
     pub stored: u64,
     /// Accepted events the pipeline has not processed yet.
@@ -126,16 +139,18 @@ impl Stats {
     pub fn report(&self) -> StatsReport {
         let ingest = self.ingest();
         let pipeline = self.pipeline();
-        let dropped_total: u64 = pipeline.dropped.values().sum();
+        let not_stored: u64 =
+            pipeline.dropped.values().sum::<u64>() + pipeline.failed.values().sum::<u64>();
         StatsReport {
             received: ingest.received,
             accepted: ingest.accepted,
             rejected: ingest.rejected,
             requests_rejected: ingest.requests_rejected,
             deduplicated: pipeline.dropped.get(DUPLICATE).copied().unwrap_or(0),
-            stored: pipeline.processed.saturating_sub(dropped_total),
+            stored: pipeline.processed.saturating_sub(not_stored),
             pending: ingest.accepted.saturating_sub(pipeline.processed),
             dropped: pipeline.dropped,
+            failed: pipeline.failed,
         }
     }
 
@@ -177,6 +192,12 @@ impl Stats {
                 labelled(&report.dropped),
             ),
             (
+                "kith_events_failed_total",
+                "Accepted events moved to the failed-events store.",
+                "code",
+                labelled(&report.failed),
+            ),
+            (
                 "kith_events_stored_total",
                 "Events stored by the pipeline.",
                 "",
@@ -214,7 +235,9 @@ mod tests {
         let mut dropped = BTreeMap::new();
         dropped.insert(DUPLICATE.to_owned(), 1);
         let mut pipeline = stats.pipeline();
-        pipeline.add(2, &dropped);
+        let mut failed = BTreeMap::new();
+        failed.insert("cleaning".to_owned(), 1);
+        pipeline.add(3, &dropped, &failed);
         stats.set_pipeline(pipeline);
         let report = stats.report();
         assert_eq!(report.received, 5);
@@ -222,11 +245,13 @@ mod tests {
         assert_eq!(report.rejected["missing_event"], 2);
         assert_eq!(report.requests_rejected["unauthorized"], 1);
         assert_eq!(report.deduplicated, 1);
+        assert_eq!(report.failed["cleaning"], 1);
         assert_eq!(report.stored, 1);
-        assert_eq!(report.pending, 1);
+        assert_eq!(report.pending, 0);
         let text = stats.prometheus();
         assert!(text.contains("kith_events_rejected_total{code=\"missing_event\"} 2"));
-        assert!(text.contains("kith_pipeline_pending 1"));
+        assert!(text.contains("kith_pipeline_pending 0"));
+        assert!(text.contains("kith_events_failed_total{code=\"cleaning\"} 1"));
         assert!(text.contains("kith_events_received_total 5"));
     }
 }

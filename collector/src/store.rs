@@ -13,7 +13,10 @@
 //!   deduplication, its `seq`, and the `seq`s of earlier events with that id (outside
 //!   the window). Deduplication claims and `messageId` lookups in one point read.
 //! - `by_user_id`, `by_anonymous_id`: `(id, seq)` lookup indexes.
-//! - `meta`: checkpoint, counters, credentials.
+//! - `failed`: `seq` → a [`FailedEvent`]: events a stage failed, as they came in, with
+//!   the reason, until they are replayed.
+//! - `meta`: checkpoint, counters, credentials, each source's processing rules
+//!   (`rules:{source}`).
 
 use std::path::Path;
 
@@ -23,11 +26,49 @@ use serde::{Deserialize, Serialize};
 use sled::{Batch, IVec, Tree};
 
 use crate::error::StoreError;
+use crate::processing::SourceRules;
 use crate::stats::{IngestCounters, PipelineCounters};
 
 const CHECKPOINT: &[u8] = b"checkpoint";
 const INGEST_COUNTERS: &[u8] = b"counters:ingest";
 const PIPELINE_COUNTERS: &[u8] = b"counters:pipeline";
+const RULES_PREFIX: &str = "rules:";
+
+/// An event a pipeline stage failed, kept as it came in so that it can be replayed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedEvent {
+    /// Its position in the log when it failed.
+    pub seq: u64,
+    /// The source that sent it.
+    pub source: String,
+    /// The failure code (`cleaning`, `transformation`, `tracking_plan`, `invalid`).
+    pub code: String,
+    /// What was wrong, for the developer.
+    pub reason: String,
+    /// When it failed.
+    pub failed_at: Timestamp,
+    /// The message as it was accepted, before any stage ran.
+    pub message: serde_json::Value,
+}
+
+impl FailedEvent {
+    /// A failed event from its log entry's value.
+    ///
+    /// # Errors
+    ///
+    /// When the entry cannot be decoded.
+    pub fn new(seq: u64, log_value: &[u8], code: &str, reason: String) -> Result<Self, StoreError> {
+        let (source, message) = split_log_value(seq, log_value)?;
+        Ok(FailedEvent {
+            seq,
+            source: source.to_owned(),
+            code: code.to_owned(),
+            reason,
+            failed_at: Timestamp::now(),
+            message: serde_json::from_slice(message)?,
+        })
+    }
+}
 
 /// An event as stored: its position in the log, its source and the message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +103,7 @@ pub struct Store {
     by_message_id: Tree,
     by_user_id: Tree,
     by_anonymous_id: Tree,
+    failed: Tree,
 }
 
 /// A `seq` as a sled key: big-endian, so keys sort in log order.
@@ -114,6 +156,7 @@ impl Store {
             by_message_id: db.open_tree("by_message_id")?,
             by_user_id: db.open_tree("by_user_id")?,
             by_anonymous_id: db.open_tree("by_anonymous_id")?,
+            failed: db.open_tree("failed")?,
             db,
         })
     }
@@ -220,7 +263,16 @@ impl Store {
             mut by_anonymous_id,
             rewritten,
             removed,
+            failed,
         } = settlement;
+        // Failed events are kept before their log entries go.
+        if !failed.is_empty() {
+            let mut batch = Batch::default();
+            for event in failed {
+                batch.insert(&seq_key(event.seq), serde_json::to_vec(&event)?);
+            }
+            self.failed.apply_batch(batch)?;
+        }
         for (tree, keys) in [
             (&self.by_user_id, &mut by_user_id),
             (&self.by_anonymous_id, &mut by_anonymous_id),
@@ -389,6 +441,95 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Failed events, newest first, from `source` if given, with a `seq` below `before`.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure or an undecodable record.
+    pub fn failed_events(
+        &self,
+        source: Option<&str>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<FailedEvent>, StoreError> {
+        let mut events = Vec::new();
+        for value in self
+            .failed
+            .range(..seq_key(before.unwrap_or(u64::MAX)))
+            .values()
+            .rev()
+        {
+            let event: FailedEvent = serde_json::from_slice(&value?)?;
+            if source.is_none_or(|s| s == event.source) {
+                events.push(event);
+                if events.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// The failed events with these `seq`s (those that exist).
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure or an undecodable record.
+    pub fn failed_by_seq(&self, seqs: &[u64]) -> Result<Vec<FailedEvent>, StoreError> {
+        let mut events = Vec::new();
+        for seq in seqs {
+            if let Some(value) = self.failed.get(seq_key(*seq))? {
+                events.push(serde_json::from_slice(&value)?);
+            }
+        }
+        Ok(events)
+    }
+
+    /// Forgets failed events (once replayed).
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn remove_failed(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        for seq in seqs {
+            batch.remove(&seq_key(*seq));
+        }
+        self.failed.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Every source's stored processing rules.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure or an unreadable record.
+    pub fn rules(&self) -> Result<Vec<(String, SourceRules)>, StoreError> {
+        let mut all = Vec::new();
+        for entry in self.meta.scan_prefix(RULES_PREFIX) {
+            let (key, value) = entry?;
+            let source = String::from_utf8_lossy(&key[RULES_PREFIX.len()..]).into_owned();
+            all.push((source, serde_json::from_slice(&value)?));
+        }
+        Ok(all)
+    }
+
+    /// Stores `source`'s processing rules, or removes them when `None`.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn put_rules(&self, source: &str, rules: Option<&SourceRules>) -> Result<(), StoreError> {
+        let key = format!("{RULES_PREFIX}{source}");
+        match rules {
+            Some(rules) => self.meta.insert(key, serde_json::to_vec(rules)?)?,
+            None => self.meta.remove(key)?,
+        };
+        self.flush()
+    }
+}
+
 /// A `by_message_id` value: receive time of the holder, then the `seq`s holding the id,
 /// the current holder first.
 fn decode_claim(value: &[u8]) -> Result<(i64, Vec<u64>), StoreError> {
@@ -411,6 +552,7 @@ pub struct Settlement {
     by_anonymous_id: Vec<Vec<u8>>,
     rewritten: Vec<(u64, Vec<u8>)>,
     removed: Vec<u64>,
+    failed: Vec<FailedEvent>,
 }
 
 impl Settlement {
@@ -440,6 +582,12 @@ impl Settlement {
     pub fn remove(&mut self, seq: u64) {
         self.removed.push(seq);
     }
+
+    /// Moves an event a stage failed from the log to the failed-events store.
+    pub fn fail(&mut self, event: FailedEvent) {
+        self.removed.push(event.seq);
+        self.failed.push(event);
+    }
 }
 
 fn index_scan(tree: &Tree, id: &str, before: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
@@ -454,6 +602,17 @@ fn index_scan(tree: &Tree, id: &str, before: u64, limit: usize) -> Result<Vec<u6
     Ok(seqs)
 }
 
+/// A log entry's value split into its source and its message JSON.
+fn split_log_value(seq: u64, value: &[u8]) -> Result<(&str, &[u8]), StoreError> {
+    let split = value
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or_else(|| StoreError::Corrupt(format!("log entry {seq} has no source")))?;
+    let source = std::str::from_utf8(&value[..split])
+        .map_err(|_| StoreError::Corrupt(format!("log entry {seq} has a bad source")))?;
+    Ok((source, &value[split + 1..]))
+}
+
 impl StoredEvent {
     /// Decodes a log entry's value.
     ///
@@ -461,16 +620,11 @@ impl StoredEvent {
     ///
     /// When the entry is not `source \n message JSON`.
     pub fn decode(seq: u64, value: &[u8]) -> Result<Self, StoreError> {
-        let split = value
-            .iter()
-            .position(|b| *b == b'\n')
-            .ok_or_else(|| StoreError::Corrupt(format!("log entry {seq} has no source")))?;
-        let source = std::str::from_utf8(&value[..split])
-            .map_err(|_| StoreError::Corrupt(format!("log entry {seq} has a bad source")))?;
+        let (source, message) = split_log_value(seq, value)?;
         Ok(StoredEvent {
             seq,
             source: source.to_owned(),
-            message: serde_json::from_slice(&value[split + 1..])?,
+            message: serde_json::from_slice(message)?,
         })
     }
 

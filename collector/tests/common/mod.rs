@@ -71,6 +71,17 @@ impl Harness {
             .expect("request sent")
     }
 
+    /// An admin request with a JSON body.
+    pub fn admin_send(&self, method: reqwest::Method, path: &str, body: &Value) -> Response {
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .expect("request sent")
+    }
+
     pub fn stats(&self) -> Value {
         self.admin_get("/v1/stats").json().expect("stats json")
     }
