@@ -83,6 +83,11 @@ fn query_token(request: &Request) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Whether the request carries the admin token (`Bearer`).
+pub fn is_admin(state: &AppState, headers: &HeaderMap) -> bool {
+    bearer_token(headers).is_some_and(|t| same_secret(t.as_bytes(), state.admin_token.as_bytes()))
+}
+
 async fn require_admin(
     State(state): State<Arc<AppState>>,
     request: Request,

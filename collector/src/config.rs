@@ -11,6 +11,8 @@ use clap::Parser;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::imports::postgres::PostgresSource;
+use crate::imports::watch::WatchedDir;
 use crate::processing::SourceRules;
 
 /// How long a `(source, messageId)` pair is remembered for deduplication by default.
@@ -19,6 +21,9 @@ pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 60 * 60)
 /// Memory sled may use for its page cache by default, in bytes. Kept small so that the
 /// collector's footprint stays low; sled reads what falls out of it from disk.
 pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The largest import file taken by default: 10 GiB.
+pub const DEFAULT_MAX_IMPORT_BYTES: u64 = 10 << 30;
 
 /// Everything a collector needs to start.
 #[derive(Debug, Clone, Parser)]
@@ -64,6 +69,10 @@ pub struct Config {
     #[arg(long, env = "KITH_CACHE_BYTES", default_value_t = DEFAULT_CACHE_BYTES)]
     pub cache_bytes: u64,
 
+    /// The largest file `POST /v1/imports` takes, in bytes.
+    #[arg(long, env = "KITH_MAX_IMPORT_BYTES", default_value_t = DEFAULT_MAX_IMPORT_BYTES)]
+    pub max_import_bytes: u64,
+
     /// A JSON config file: sources with their write keys and processing rules, and the
     /// default rules (see the README). Its rules are applied at each start.
     #[arg(long = "config", env = "KITH_CONFIG", value_parser = FileConfig::load)]
@@ -78,6 +87,10 @@ pub struct FileConfig {
     pub sources: Vec<SourceConfig>,
     /// Rules for the sources without their own.
     pub default_rules: Option<SourceRules>,
+    /// Directories whose dropped files are imported.
+    pub watch: Vec<WatchedDir>,
+    /// PostgreSQL queries whose rows are imported.
+    pub postgres: Vec<PostgresSource>,
 }
 
 /// One source of the config file.
@@ -111,7 +124,23 @@ impl FileConfig {
                 .compile()
                 .map_err(|e| format!("{path}: rules of {whose}: {e}"))?;
         }
+        for source in &config.postgres {
+            source
+                .mapping
+                .check(None)
+                .map_err(|e| format!("{path}: postgres source {:?}: {e}", source.name))?;
+        }
         Ok(config)
+    }
+
+    /// The write keys the file names: its sources', its watched directories' and its
+    /// PostgreSQL sources'.
+    pub fn write_keys(&self) -> impl Iterator<Item = &String> {
+        self.sources
+            .iter()
+            .map(|s| &s.write_key)
+            .chain(self.watch.iter().map(|w| &w.write_key))
+            .chain(self.postgres.iter().map(|p| &p.write_key))
     }
 }
 
@@ -127,6 +156,7 @@ impl Config {
             dedup_window: DEFAULT_DEDUP_WINDOW,
             rate_limit: 0,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            max_import_bytes: DEFAULT_MAX_IMPORT_BYTES,
             file: None,
         }
     }

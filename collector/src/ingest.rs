@@ -252,6 +252,31 @@ fn prepare(
     serde_json::to_vec(&message).map_err(|e| ("invalid_event", e.to_string()))
 }
 
+/// Validates, enriches and encodes a message built by an import (no request, so no
+/// client address and no `sentAt`), refusing one over the event size limit.
+pub(crate) fn accept_imported(
+    mut message: Message,
+    received_at: Timestamp,
+) -> Result<Vec<u8>, (&'static str, String)> {
+    message.validate().map_err(|e| (e.code, e.message))?;
+    let context = RequestContext {
+        received_at,
+        client_ip: None,
+    };
+    enrich(&mut message, None, &context);
+    let encoded = serde_json::to_vec(&message).map_err(|e| ("invalid_event", e.to_string()))?;
+    if encoded.len() > MAX_EVENT_BYTES {
+        return Err((
+            "event_too_large",
+            format!(
+                "the event is {} bytes; at most {MAX_EVENT_BYTES} are accepted",
+                encoded.len()
+            ),
+        ));
+    }
+    Ok(encoded)
+}
+
 /// Sets `messageId` when missing, `receivedAt`, the clock-skew-corrected `timestamp`
 /// (keeping the client's as `originalTimestamp`) and `context.ip` when missing. An
 /// identify whose traits came only in `context.traits` (RudderStack's SDKs send them
@@ -296,7 +321,7 @@ fn enrich(message: &mut Message, batch_sent_at: Option<Timestamp>, context: &Req
 }
 
 /// The write key from an `Authorization: Basic` header (user part), if there is one.
-fn basic_auth_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn basic_auth_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
@@ -366,7 +391,7 @@ async fn read_body(request: Request) -> Result<Vec<u8>, ApiError> {
 
 impl AppState {
     /// The source behind a write key.
-    fn authenticate(&self, key: Option<&str>) -> Result<Arc<str>, ApiError> {
+    pub(crate) fn authenticate(&self, key: Option<&str>) -> Result<Arc<str>, ApiError> {
         let key = key.ok_or(ApiError::Unauthorized(
             "no write key: send HTTP Basic auth with the write key as user, or writeKey in the body",
         ))?;

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod child;
 pub mod config;
 pub mod error;
+pub mod imports;
 pub mod ingest;
 pub mod pipeline;
 pub mod processing;

@@ -1,17 +1,46 @@
 //! The `kith-collector` binary: parses flags and environment, opens the collector,
 //! prints where it listens and its credentials, and serves until SIGTERM or Ctrl-C.
+//! `kith-collector import FILE` imports a local file through a running collector.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use kith_collector::imports::cli::{self, ImportArgs};
 use kith_collector::{Collector, Config};
 use tracing_subscriber::EnvFilter;
 
+#[derive(Debug, Parser)]
+#[command(
+    name = "kith-collector",
+    version,
+    about = "Kith's self-hosted collector",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Import a local CSV or NDJSON file through a running collector.
+    Import(ImportArgs),
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Import(args)) => std::process::exit(cli::run(args)?),
+        None => serve(cli.config),
+    }
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let config = Config::parse();
     let collector = Collector::open(&config)?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     for key in &collector.write_keys {

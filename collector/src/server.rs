@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -20,6 +21,9 @@ use tower_http::cors::CorsLayer;
 
 use crate::config::{Config, FileConfig};
 use crate::error::{ApiError, StoreError};
+use crate::imports::job::Importer;
+use crate::imports::postgres::PostgresSource;
+use crate::imports::watch::Watchers;
 use crate::pipeline::{Deduplicate, Pipeline, Stage, Wake};
 use crate::processing::{DEFAULT_RULES, Process, Rules};
 use crate::ratelimit::RateLimiter;
@@ -39,7 +43,15 @@ pub struct AppState {
     /// Event accounting.
     pub stats: Arc<Stats>,
     /// Group commit onto the log.
-    pub writer: LogWriter,
+    pub writer: Arc<LogWriter>,
+    /// Runs file imports.
+    pub importer: Arc<Importer>,
+    /// Where uploaded import files wait for the importer.
+    pub imports_dir: PathBuf,
+    /// The largest import file taken.
+    pub max_import_bytes: u64,
+    /// The deduplication window, in milliseconds.
+    pub dedup_window_ms: i64,
     /// Stored events as JSON, for the live tail.
     pub live: broadcast::Sender<Arc<str>>,
     /// The admin API's bearer token.
@@ -101,6 +113,8 @@ pub struct Credential {
 pub struct Collector {
     state: Arc<AppState>,
     wake: Arc<Wake>,
+    watchers: Watchers,
+    postgres: Vec<PostgresSource>,
     pipeline: Mutex<Option<JoinHandle<()>>>,
     /// The write keys in use.
     pub write_keys: Vec<Credential>,
@@ -162,12 +176,14 @@ impl Collector {
     pub fn open(config: &Config) -> Result<Self, StoreError> {
         let store = Arc::new(Store::open(&config.data_dir, config.cache_bytes)?);
         let file = config.file.clone().unwrap_or_default();
-        let given: Vec<String> = config
+        let mut given: Vec<String> = config
             .write_keys
             .iter()
-            .chain(file.sources.iter().map(|s| &s.write_key))
+            .chain(file.write_keys())
             .cloned()
             .collect();
+        given.sort();
+        given.dedup();
         let write_keys = if given.is_empty() {
             vec![credential(&store, None, "write_key", "wk")?]
         } else {
@@ -193,12 +209,27 @@ impl Collector {
         let pipeline = Pipeline::new(store.clone(), stats.clone(), stages, live.clone())
             .start(wake.clone())
             .map_err(|e| StoreError::Start(format!("the pipeline: {e}")))?;
-        let writer = LogWriter::start(store.clone(), stats.clone(), wake.clone())?;
+        let writer = Arc::new(LogWriter::start(
+            store.clone(),
+            stats.clone(),
+            wake.clone(),
+        )?);
+        let importer = Arc::new(Importer::start(
+            store.clone(),
+            writer.clone(),
+            config.dedup_window,
+        )?);
+        let watchers = Watchers::start(&file.watch, &importer)
+            .map_err(|e| StoreError::Start(format!("the directory watchers: {e}")))?;
 
         let state = AppState {
             store,
             stats,
             writer,
+            importer,
+            imports_dir: config.data_dir.join("imports"),
+            max_import_bytes: config.max_import_bytes,
+            dedup_window_ms: i64::try_from(config.dedup_window.as_millis()).unwrap_or(i64::MAX),
             live,
             admin_token: admin_token.value.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
@@ -213,6 +244,8 @@ impl Collector {
         Ok(Collector {
             state: Arc::new(state),
             wake,
+            watchers,
+            postgres: file.postgres,
             pipeline: Mutex::new(Some(pipeline)),
             write_keys,
             admin_token,
@@ -241,6 +274,13 @@ impl Collector {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        for source in &self.postgres {
+            tokio::spawn(
+                source
+                    .clone()
+                    .run(self.state.clone(), self.state.shutdown_signal()),
+            );
+        }
         let state = self.state.clone();
         let signal = async move {
             shutdown.await;
@@ -259,10 +299,13 @@ impl Collector {
         result
     }
 
-    /// Stops the log writer (committing what it holds) and the pipeline, then flushes.
+    /// Stops the watchers, the log writer (committing what it holds), the importer and
+    /// the pipeline, then flushes.
     pub fn shutdown(&self) {
         self.state.begin_shutdown();
+        self.watchers.stop();
         self.state.writer.close();
+        self.state.importer.close();
         self.wake.stop();
         let pipeline = self
             .pipeline
@@ -298,6 +341,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(ingest_routes)
         .merge(admin::routes(state.clone()))
+        .merge(crate::imports::api::routes())
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(admin::metrics))

@@ -15,6 +15,7 @@
 //! - `by_user_id`, `by_anonymous_id`: `(id, seq)` lookup indexes.
 //! - `failed`: `seq` → a [`FailedEvent`]: events a stage failed, as they came in, with
 //!   the reason, until they are replayed.
+//! - `imports`: import id (time-ordered) → the import job and its report.
 //! - `meta`: checkpoint, counters, credentials, each source's processing rules
 //!   (`rules:{source}`).
 
@@ -104,6 +105,7 @@ pub struct Store {
     by_user_id: Tree,
     by_anonymous_id: Tree,
     failed: Tree,
+    imports: Tree,
 }
 
 /// A `seq` as a sled key: big-endian, so keys sort in log order.
@@ -157,6 +159,7 @@ impl Store {
             by_user_id: db.open_tree("by_user_id")?,
             by_anonymous_id: db.open_tree("by_anonymous_id")?,
             failed: db.open_tree("failed")?,
+            imports: db.open_tree("imports")?,
             db,
         })
     }
@@ -394,6 +397,30 @@ impl Store {
         Ok(false)
     }
 
+    /// Whether an event of `source` holding `message_id` was received within `window_ms`
+    /// before `now` (what [`Store::claim_message_id`] would call a duplicate).
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn is_claimed(
+        &self,
+        source: &str,
+        message_id: &str,
+        now: Timestamp,
+        window_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut key = id_prefix(message_id);
+        key.extend_from_slice(source.as_bytes());
+        match self.by_message_id.get(&key)? {
+            Some(held) => {
+                let (held_at, _) = decode_claim(&held)?;
+                Ok(millis(now).saturating_sub(held_at) < window_ms)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// Stored events matching `filter`, newest first, with `seq` below `before` when
     /// given, at most `limit`.
     ///
@@ -498,6 +525,66 @@ impl Store {
         }
         self.failed.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// Records an import (its job and report) under its id, durably.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn put_import<T: Serialize>(&self, id: &str, import: &T) -> Result<(), StoreError> {
+        self.imports.insert(id, serde_json::to_vec(import)?)?;
+        self.flush()
+    }
+
+    /// The import with this id.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure or an unreadable record.
+    pub fn import<T: for<'de> Deserialize<'de>>(&self, id: &str) -> Result<Option<T>, StoreError> {
+        self.imports
+            .get(id)?
+            .map(|value| serde_json::from_slice(&value).map_err(StoreError::from))
+            .transpose()
+    }
+
+    /// The imports, newest first, at most `limit`.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure or an unreadable record.
+    pub fn imports<T: for<'de> Deserialize<'de>>(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut all = Vec::new();
+        for value in self.imports.iter().values().rev().take(limit) {
+            all.push(serde_json::from_slice(&value?)?);
+        }
+        Ok(all)
+    }
+
+    /// A stored value of `meta` under `key` (a source's cursor...).
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn meta_text(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .meta
+            .get(key)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Stores `value` in `meta` under `key`, durably.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn put_meta_text(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.meta.insert(key, value.as_bytes())?;
+        self.flush()
     }
 
     /// Every source's stored processing rules.

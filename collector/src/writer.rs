@@ -77,14 +77,32 @@ impl LogWriter {
     ///
     /// [`StoreError::ShuttingDown`] after [`LogWriter::close`], or the store's failure.
     pub async fn append(&self, append: Append) -> Result<(), StoreError> {
+        self.send(append)?
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    /// [`LogWriter::append`] for threads outside the async runtime (the importer).
+    ///
+    /// # Errors
+    ///
+    /// As [`LogWriter::append`].
+    pub fn append_blocking(&self, append: Append) -> Result<(), StoreError> {
+        self.send(append)?
+            .blocking_recv()
+            .map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    fn send(
+        &self,
+        append: Append,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         let (done, result) = oneshot::channel();
-        {
-            let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
-            let tx = tx.as_ref().ok_or(StoreError::ShuttingDown)?;
-            tx.send(Pending { append, done })
-                .map_err(|_| StoreError::ShuttingDown)?;
-        }
-        result.await.map_err(|_| StoreError::ShuttingDown)?
+        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        let tx = tx.as_ref().ok_or(StoreError::ShuttingDown)?;
+        tx.send(Pending { append, done })
+            .map_err(|_| StoreError::ShuttingDown)?;
+        Ok(result)
     }
 
     /// Refuses new appends, commits what is queued and waits for the thread to end.
