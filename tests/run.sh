@@ -10,10 +10,10 @@ step "Rust components"
 rustup component add rustfmt clippy
 rustup target add wasm32-unknown-unknown
 
-step "System packages: Debian's JNA (Kotlin bindings on the JVM) and Chromium (browser SDK)"
-if [ ! -f /usr/share/java/jna.jar ] || [ ! -x /usr/bin/chromium ]; then
+step "System packages: Debian's JNA (Kotlin bindings on the JVM), Chromium (browser SDK), PostgreSQL (warehouse source)"
+if [ ! -f /usr/share/java/jna.jar ] || [ ! -x /usr/bin/chromium ] || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjna-java chromium
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjna-java chromium postgresql
 fi
 
 step "wasm-bindgen-cli, pinned to the wasm-bindgen crate's version"
