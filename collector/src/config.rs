@@ -20,7 +20,7 @@ pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 60 * 60)
 
 /// Memory sled may use for its page cache by default, in bytes. Kept small so that the
 /// collector's footprint stays low; sled reads what falls out of it from disk.
-pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+pub const DEFAULT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 /// The largest import file taken by default: 10 GiB.
 pub const DEFAULT_MAX_IMPORT_BYTES: u64 = 10 << 30;

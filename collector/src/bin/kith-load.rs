@@ -7,7 +7,14 @@
 //! 3. the collector's peak RSS under that load (VmHWM), and how long its pipeline takes
 //!    to catch up afterwards.
 //!
-//! Run: `cargo run --release -p kith-collector --bin kith-load -- --events 500000`.
+//! With `--import-mb N` it measures a batch import instead: it writes an N MB customer
+//! CSV, times the `csv` crate reading it (the baseline: the least an import must do),
+//! then uploads it to the real collector's `POST /v1/imports`, and reports the import's
+//! rows/s, the ratio to the baseline, and the collector's peak RSS until its pipeline has
+//! processed every imported event.
+//!
+//! Run: `cargo run --release -p kith-collector --bin kith-load -- --events 500000`, or
+//! `... -- --import-mb 200`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -34,6 +41,9 @@ struct Args {
     /// The collector binary (default: `kith-collector` next to this tool).
     #[arg(long)]
     collector: Option<PathBuf>,
+    /// Measure the import of a CSV file of this many MB instead of HTTP ingest.
+    #[arg(long)]
+    import_mb: Option<u64>,
 }
 
 /// One realistic analytics.js-style track event, about 600 bytes of JSON.
@@ -126,12 +136,145 @@ fn peak_rss_mib(pid: u32) -> f64 {
     kib / 1024.0
 }
 
+/// Writes a customer CSV of about `mb` megabytes; answers its data rows.
+fn write_csv(path: &std::path::Path, mb: u64) -> u64 {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("csv file"));
+    writeln!(
+        out,
+        "id,email,first_name,last_name,phone,plan,country,signed_up"
+    )
+    .expect("write");
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    let plans = ["free", "pro", "team", "enterprise"];
+    let countries = ["US", "GB", "DE", "FR", "BR", "IN", "JP"];
+    while bytes < mb * 1_000_000 {
+        rows += 1;
+        let line = format!(
+            "cust-{rows:09},customer.{rows}@example.com,First{},Last{},+1415555{:04},{},{},2024-{:02}-{:02}T10:{:02}:00Z\n",
+            rows % 9_973,
+            rows % 7_919,
+            rows % 10_000,
+            plans[(rows % 4) as usize],
+            countries[(rows % 7) as usize],
+            rows % 12 + 1,
+            rows % 28 + 1,
+            rows % 60
+        );
+        bytes += line.len() as u64;
+        out.write_all(line.as_bytes()).expect("write");
+    }
+    out.flush().expect("flush");
+    rows
+}
+
+fn stats(http: &reqwest::blocking::Client, url: &str) -> Value {
+    http.get(format!("{url}/v1/stats"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .and_then(|r| r.json())
+        .expect("stats")
+}
+
+fn import_benchmark(collector: &std::path::Path, mb: u64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let csv_path = dir.path().join("customers.csv");
+    let rows = write_csv(&csv_path, mb);
+    let size = std::fs::metadata(&csv_path).map_or(0, |m| m.len());
+    println!(
+        "kith-load: import of a {:.0} MB CSV, {rows} rows",
+        size as f64 / 1e6
+    );
+
+    let started = Instant::now();
+    let mut reader = csv::Reader::from_path(&csv_path).expect("csv");
+    let parsed = reader.records().filter(Result::is_ok).count();
+    let baseline = parsed as f64 / started.elapsed().as_secs_f64();
+    println!("baseline: csv crate reads {baseline:.0} rows/s");
+
+    let data = dir.path().join("data");
+    let (mut child, url) = kith_collector::child::spawn(collector, &data, WRITE_KEY, ADMIN_TOKEN)
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", collector.display()));
+    let http = reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .expect("client");
+    let started = Instant::now();
+    let accepted: Value = http
+        .post(format!("{url}/v1/imports"))
+        .query(&[
+            ("type", "identify"),
+            ("user_id", "id"),
+            ("email", "email"),
+            ("phone", "phone"),
+            ("timestamp", "signed_up"),
+            ("traits", "first_name,last_name,plan,country"),
+        ])
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("content-type", "text/csv")
+        .body(std::fs::File::open(&csv_path).expect("csv"))
+        .send()
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.json())
+        .expect("import accepted");
+    let uploaded = started.elapsed();
+    let id = accepted["id"].as_str().expect("import id").to_owned();
+    let report = loop {
+        let report: Value = http
+            .get(format!("{url}/v1/imports/{id}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .and_then(|r| r.json())
+            .expect("report");
+        if report["status"] != "processing" {
+            break report;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let imported = started.elapsed();
+    let rss_import = peak_rss_mib(child.id());
+    let final_stats = loop {
+        let stats = stats(&http, &url);
+        if stats["pending"] == 0 {
+            break stats;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let processed = started.elapsed();
+    let rss_all = peak_rss_mib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    let rate = rows as f64 / imported.as_secs_f64();
+    println!(
+        "import {}: status {}, ingested {}, failed {}",
+        id, report["status"], report["ingested"], report["failed"]
+    );
+    println!("upload (streamed to disk): {:.2} s", uploaded.as_secs_f64());
+    println!(
+        "import, upload to report: {rate:.0} rows/s ({:.1} s)",
+        imported.as_secs_f64()
+    );
+    println!("ratio import / csv parse: {:.3}", rate / baseline);
+    println!(
+        "pipeline processed every imported event {:.1} s after the upload began; stored {}",
+        processed.as_secs_f64(),
+        final_stats["stored"]
+    );
+    println!(
+        "collector peak RSS (VmHWM): {rss_import:.1} MiB when the import finished, {rss_all:.1} MiB after the pipeline caught up"
+    );
+}
+
 fn main() {
     let args = Args::parse();
     let collector = args.collector.clone().unwrap_or_else(|| {
         let me = std::env::current_exe().expect("own path");
         me.with_file_name("kith-collector")
     });
+    if let Some(mb) = args.import_mb {
+        import_benchmark(&collector, mb);
+        return;
+    }
     println!(
         "kith-load: {} events in {}-event batches, {} concurrent clients, {} cores",
         args.events,
