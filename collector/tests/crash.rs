@@ -1,7 +1,8 @@
 //! Kill -9 under load: the real `kith-collector` binary takes concurrent batches, is
 //! killed with SIGKILL at random moments and restarted on the same data; clients resend
 //! what was not acknowledged (as SDKs do). In the end every acknowledged `messageId` is
-//! stored exactly once.
+//! stored exactly once. An import killed midway resumes at the next start and stores
+//! every row exactly once, its report counting each row once.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -221,6 +222,88 @@ fn sigterm_drains_flushes_and_exits_cleanly() {
     let (mut child, url) = start(dir.path());
     let stored = all_stored(&http, &url);
     assert_eq!(stored.len(), 50);
+    child.kill().expect("stop");
+    child.wait().expect("reaped");
+}
+
+/// Polls an import's report until `done(report)`.
+fn report_until(
+    http: &reqwest::blocking::Client,
+    url: &str,
+    id: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let report: Value = http
+            .get(format!("{url}/v1/imports/{id}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .expect("report")
+            .json()
+            .expect("json");
+        if done(&report) {
+            return report;
+        }
+        assert!(Instant::now() < deadline, "import stuck: {report}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn an_import_killed_midway_resumes_and_stores_every_row_once() {
+    const ROWS: usize = 30_000;
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64
+        | 1;
+    println!("import crash test seed {seed}");
+    let mut rng = XorShift(seed);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut csv = String::from("id,plan\n");
+    for i in 0..ROWS {
+        csv.push_str(&format!("r{i},plan-{}\n", i % 7));
+    }
+    let (mut child, url) = start(dir.path());
+    let http = reqwest::blocking::Client::new();
+    let accepted: Value = http
+        .post(format!(
+            "{url}/v1/imports?user_id=id&traits=plan&format=csv"
+        ))
+        .basic_auth(WRITE_KEY, Some(""))
+        .body(csv)
+        .send()
+        .expect("upload")
+        .json()
+        .expect("json");
+    let id = accepted["id"].as_str().expect("import id").to_owned();
+    // Kill once some batches are durable, at a random moment after.
+    report_until(&http, &url, &id, |r| r["ingested"].as_u64() >= Some(1_000));
+    std::thread::sleep(Duration::from_millis(rng.next() % 300));
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+
+    let (mut child, url) = start(dir.path());
+    let report = report_until(&http, &url, &id, |r| r["status"] != "processing");
+    println!("after the kill: {report}");
+    assert_eq!(report["status"], "succeeded");
+    assert_eq!(report["total"], ROWS);
+    let counted =
+        report["ingested"].as_u64().unwrap_or(0) + report["duplicates"].as_u64().unwrap_or(0);
+    assert_eq!(counted, ROWS as u64, "every row counted once: {report}");
+
+    let stored = all_stored(&http, &url);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for event in &stored {
+        let user = event["message"]["userId"]
+            .as_str()
+            .expect("userId")
+            .to_owned();
+        *counts.entry(user).or_default() += 1;
+    }
+    assert_eq!(counts.len(), ROWS, "every row stored");
+    assert!(counts.values().all(|n| *n == 1), "no row stored twice");
     child.kill().expect("stop");
     child.wait().expect("reaped");
 }
