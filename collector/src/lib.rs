@@ -18,6 +18,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod stats;
 pub mod store;
+pub mod worker;
 pub mod writer;
 
 pub use config::Config;

@@ -7,9 +7,8 @@
 //! concurrent requests share it: the more load, the larger the group, the fewer flushes
 //! per event.
 
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
 
 use sled::Batch;
 use tokio::sync::oneshot;
@@ -18,6 +17,7 @@ use crate::error::StoreError;
 use crate::pipeline::Wake;
 use crate::stats::Stats;
 use crate::store::Store;
+use crate::worker::Worker;
 
 /// The most events one group commit takes, to bound its latency and memory.
 const MAX_GROUP_EVENTS: usize = 50_000;
@@ -44,8 +44,7 @@ struct Pending {
 /// Handle to the writer thread.
 #[derive(Debug)]
 pub struct LogWriter {
-    tx: Mutex<Option<Sender<Pending>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    worker: Worker<Pending>,
 }
 
 impl LogWriter {
@@ -60,15 +59,10 @@ impl LogWriter {
         wake: Arc<Wake>,
     ) -> Result<Self, StoreError> {
         let next_seq = store.last_seq()? + 1;
-        let (tx, rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("kith-log-writer".to_owned())
-            .spawn(move || run(&store, &stats, &wake, &rx, next_seq))
-            .map_err(|e| StoreError::Start(format!("the log writer: {e}")))?;
-        Ok(LogWriter {
-            tx: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
-        })
+        let worker = Worker::start("log-writer", Vec::new(), move |rx| {
+            run(&store, &stats, &wake, &rx, next_seq);
+        })?;
+        Ok(LogWriter { worker })
     }
 
     /// Appends the request's events and waits until they are durable.
@@ -98,31 +92,13 @@ impl LogWriter {
         append: Append,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         let (done, result) = oneshot::channel();
-        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
-        let tx = tx.as_ref().ok_or(StoreError::ShuttingDown)?;
-        tx.send(Pending { append, done })
-            .map_err(|_| StoreError::ShuttingDown)?;
+        self.worker.send(Pending { append, done })?;
         Ok(result)
     }
 
     /// Refuses new appends, commits what is queued and waits for the thread to end.
     pub fn close(&self) {
-        drop(
-            self.tx
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take(),
-        );
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(thread) = thread
-            && thread.join().is_err()
-        {
-            tracing::error!("the log writer thread panicked");
-        }
+        self.worker.close();
     }
 }
 

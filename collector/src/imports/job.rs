@@ -5,9 +5,8 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use flate2::read::GzDecoder;
@@ -18,6 +17,7 @@ use serde_json::{Map, Value};
 use super::{Converter, Format, ImportReport, Mapping, Record, Status, cell};
 use crate::error::StoreError;
 use crate::store::Store;
+use crate::worker::Worker;
 use crate::writer::{Append, LogWriter};
 
 /// The longest NDJSON line read; longer ones fail as one record (a message is at most
@@ -220,12 +220,11 @@ impl<R: BufRead> Iterator for NdjsonLines<R> {
 #[derive(Debug)]
 pub struct Importer {
     store: Arc<Store>,
-    tx: Mutex<Option<Sender<String>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    worker: Worker<String>,
 }
 
 /// What the importer thread works with.
-struct Worker {
+struct Run {
     store: Arc<Store>,
     writer: Arc<LogWriter>,
     dedup_window_ms: i64,
@@ -242,32 +241,24 @@ impl Importer {
         writer: Arc<LogWriter>,
         dedup_window: Duration,
     ) -> Result<Self, StoreError> {
-        let (tx, rx) = mpsc::channel();
-        let stored = store.imports::<Value>(usize::MAX)?;
-        let file_jobs = stored
+        let interrupted: Vec<String> = store
+            .imports::<Value>(usize::MAX)?
             .into_iter()
             .rev()
-            .filter_map(|value| serde_json::from_value::<ImportJob>(value).ok());
-        for job in file_jobs {
-            if job.report.status == Status::Processing {
-                tracing::info!(id = %job.report.id, "resuming an interrupted import");
-                let _ = tx.send(job.report.id);
-            }
+            .filter_map(|value| serde_json::from_value::<ImportJob>(value).ok())
+            .filter(|job| job.report.status == Status::Processing)
+            .map(|job| job.report.id)
+            .collect();
+        for id in &interrupted {
+            tracing::info!(%id, "resuming an interrupted import");
         }
-        let worker = Worker {
+        let run = Run {
             store: store.clone(),
             writer,
             dedup_window_ms: i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX),
         };
-        let thread = std::thread::Builder::new()
-            .name("kith-importer".to_owned())
-            .spawn(move || worker.run(&rx))
-            .map_err(|e| StoreError::Start(format!("the importer: {e}")))?;
-        Ok(Importer {
-            store,
-            tx: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
-        })
+        let worker = Worker::start("importer", interrupted, move |rx| run.run(&rx))?;
+        Ok(Importer { store, worker })
     }
 
     /// Records `job` and queues it.
@@ -277,38 +268,17 @@ impl Importer {
     /// When it cannot be stored, or the importer is stopping.
     pub fn submit(&self, job: &ImportJob) -> Result<(), StoreError> {
         self.store.put_import(&job.report.id, job)?;
-        self.tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .ok_or(StoreError::ShuttingDown)?
-            .send(job.report.id.clone())
-            .map_err(|_| StoreError::ShuttingDown)
+        self.worker.send(job.report.id.clone())
     }
 
     /// Stops taking jobs and waits for the thread; the import in progress stops at its
     /// next batch (the log writer is closed first) and resumes at the next start.
     pub fn close(&self) {
-        drop(
-            self.tx
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take(),
-        );
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(thread) = thread
-            && thread.join().is_err()
-        {
-            tracing::error!("the importer thread panicked");
-        }
+        self.worker.close();
     }
 }
 
-impl Worker {
+impl Run {
     fn run(&self, rx: &Receiver<String>) {
         while let Ok(id) = rx.recv() {
             let job = match self.store.import::<ImportJob>(&id) {

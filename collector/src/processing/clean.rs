@@ -117,7 +117,7 @@ impl Cleaning {
         if self.trim {
             for field in TRIMMED_FIELDS {
                 if let Some(value) = message.get_mut(field) {
-                    trim(value, field, &mut changes);
+                    each_string(value, field, &trim, &mut changes);
                 }
             }
         }
@@ -127,10 +127,10 @@ impl Cleaning {
                 continue;
             };
             if self.trim {
-                trim(value, object, &mut changes);
+                each_string(value, object, &trim, &mut changes);
             }
             if self.timestamps {
-                to_utc(value, object, &mut changes);
+                each_string(value, object, &to_utc, &mut changes);
             }
             if TRAIT_OBJECTS.contains(&object)
                 && let Some(traits) = value.as_object_mut()
@@ -217,60 +217,55 @@ impl Cleaning {
     }
 }
 
-fn trim(value: &mut Value, path: &str, changes: &mut Vec<Change>) {
+/// Calls `rule` on every string in `value` (objects and arrays walked, `path` extended
+/// by key or index); `rule` answers its name when it changed the string.
+fn each_string(
+    value: &mut Value,
+    path: &str,
+    rule: &impl Fn(&mut String) -> Option<&'static str>,
+    changes: &mut Vec<Change>,
+) {
     match value {
         Value::String(s) => {
-            let trimmed = s.trim();
-            if trimmed.len() != s.len() {
-                *s = trimmed.to_owned();
+            if let Some(rule) = rule(s) {
                 changes.push(Change {
                     field: path.to_owned(),
-                    rule: "trim",
+                    rule,
                 });
             }
         }
         Value::Object(object) => {
             for (key, value) in object {
-                trim(value, &format!("{path}.{key}"), changes);
+                each_string(value, &format!("{path}.{key}"), rule, changes);
             }
         }
         Value::Array(items) => {
             for (i, value) in items.iter_mut().enumerate() {
-                trim(value, &format!("{path}.{i}"), changes);
+                each_string(value, &format!("{path}.{i}"), rule, changes);
             }
         }
         _ => {}
     }
 }
 
-/// Rewrites strings that are RFC 3339 timestamps with a non-UTC offset to UTC.
-fn to_utc(value: &mut Value, path: &str, changes: &mut Vec<Change>) {
-    match value {
-        Value::String(s) => {
-            let looks_like_a_timestamp = s.len() >= 20 && s.as_bytes()[4] == b'-';
-            if looks_like_a_timestamp
-                && !s.ends_with(['Z', 'z'])
-                && let Ok(timestamp) = s.parse::<Timestamp>()
-            {
-                *s = timestamp.to_string();
-                changes.push(Change {
-                    field: path.to_owned(),
-                    rule: "timestamp",
-                });
-            }
-        }
-        Value::Object(object) => {
-            for (key, value) in object {
-                to_utc(value, &format!("{path}.{key}"), changes);
-            }
-        }
-        Value::Array(items) => {
-            for (i, value) in items.iter_mut().enumerate() {
-                to_utc(value, &format!("{path}.{i}"), changes);
-            }
-        }
-        _ => {}
+fn trim(s: &mut String) -> Option<&'static str> {
+    let trimmed = s.trim();
+    if trimmed.len() == s.len() {
+        return None;
     }
+    *s = trimmed.to_owned();
+    Some("trim")
+}
+
+/// Rewrites an RFC 3339 timestamp with a non-UTC offset to UTC.
+fn to_utc(s: &mut String) -> Option<&'static str> {
+    let looks_like_a_timestamp = s.len() >= 20 && s.as_bytes()[4] == b'-';
+    if !looks_like_a_timestamp || s.ends_with(['Z', 'z']) {
+        return None;
+    }
+    let timestamp = s.parse::<Timestamp>().ok()?;
+    *s = timestamp.to_string();
+    Some("timestamp")
 }
 
 /// Lower-cases and checks an email address: one `@`, a local part, and a domain of
