@@ -1,5 +1,17 @@
-//! Kith's identity graph: identifiers, deterministic stitching rules with guardrails, and
-//! probabilistic matching, as pure logic behind a storage trait.
+//! Kith's identity graph: identifiers, deterministic stitching with guardrails,
+//! reversible merges and erasure, as pure logic behind a storage trait.
 //!
-//! This crate is a placeholder until identity resolution lands (see the issue on identity
-//! resolution and unified profiles); the collector does not use it yet.
+//! - [`identifier`]: `(type, value)` pairs and how they are read from Segment messages.
+//! - [`rules`]: priorities, per-type limits, the cap, blocked values, trait identifiers,
+//!   source priority for traits.
+//! - [`profile`]: profiles and the event summaries they are rebuilt from.
+//! - [`store`]: the [`store::Store`] trait and [`store::MemoryStore`].
+//! - [`graph`]: stitching, merges, split and delete.
+//!
+//! The collector runs [`graph::Graph::process`] as a pipeline stage on its sled store.
+
+pub mod graph;
+pub mod identifier;
+pub mod profile;
+pub mod rules;
+pub mod store;
