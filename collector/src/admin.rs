@@ -37,6 +37,7 @@ pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/v1/events/live", get(live))
         .route("/v1/stats", get(stats))
         .merge(crate::processing::api::routes())
+        .merge(crate::profiles::routes())
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 
@@ -121,12 +122,6 @@ pub struct EventsQuery {
 
 impl EventsQuery {
     fn filter(self) -> Result<EventFilter, ApiError> {
-        if self.profile_id.is_some() {
-            return Err(ApiError::invalid(
-                "unsupported_filter",
-                "profile_id needs identity resolution, which this collector does not run yet",
-            ));
-        }
         let filters = [
             self.message_id.map(EventFilter::MessageId),
             self.user_id.map(EventFilter::UserId),
@@ -138,7 +133,7 @@ impl EventsQuery {
             (Some(filter), None) => Ok(filter),
             (Some(_), Some(_)) => Err(ApiError::invalid(
                 "conflicting_filters",
-                "give at most one of message_id, user_id, anonymous_id",
+                "give at most one of message_id, user_id, anonymous_id, profile_id",
             )),
         }
     }
@@ -157,6 +152,21 @@ async fn events(
         ));
     }
     let before = query.before;
+    if let Some(profile) = query.profile_id.clone() {
+        if query.message_id.is_some() || query.user_id.is_some() || query.anonymous_id.is_some() {
+            return Err(ApiError::invalid(
+                "conflicting_filters",
+                "give at most one of message_id, user_id, anonymous_id, profile_id",
+            ));
+        }
+        let found = crate::profiles::profile_events(&state, &profile, before, limit)
+            .await?
+            .unwrap_or_default();
+        let next_before = (found.len() == limit)
+            .then(|| found.last().map(|e| e.seq))
+            .flatten();
+        return Ok(Json(json!({"events": found, "next_before": next_before})));
+    }
     let filter = query.filter()?;
     let store = state.store.clone();
     let found = blocking(move || store.query(&filter, before, limit)).await?;

@@ -91,6 +91,8 @@ pub struct FileConfig {
     pub watch: Vec<WatchedDir>,
     /// PostgreSQL queries whose rows are imported.
     pub postgres: Vec<PostgresSource>,
+    /// Identity resolution: priorities, limits, blocked values (see the README).
+    pub identity: Option<kith_identity::rules::Config>,
 }
 
 /// One source of the config file.
@@ -123,6 +125,12 @@ impl FileConfig {
                 .clone()
                 .compile()
                 .map_err(|e| format!("{path}: rules of {whose}: {e}"))?;
+        }
+        if let Some(identity) = &config.identity {
+            identity
+                .clone()
+                .compile()
+                .map_err(|e| format!("{path}: identity: {e}"))?;
         }
         for source in &config.postgres {
             source

@@ -60,6 +60,19 @@ pub trait Stage: Send + Sync {
     ///
     /// A storage failure; the whole chunk is retried later.
     fn process(&self, event: &mut StoredEvent) -> Result<Outcome, StoreError>;
+
+    /// Called before a chunk's first event: forget what a failed chunk left pending.
+    fn begin_chunk(&self) {}
+
+    /// Called after a chunk's last event, before the chunk is settled: make the
+    /// chunk's effects durable in one go.
+    ///
+    /// # Errors
+    ///
+    /// A storage failure; the whole chunk is retried later.
+    fn end_chunk(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Drops an event whose `(source, messageId)` was seen within the window.
@@ -219,6 +232,9 @@ impl Pipeline {
         let mut settlement = Settlement::default();
         let mut live = Vec::new();
         let watching = self.live.receiver_count() > 0;
+        for stage in &self.stages {
+            stage.begin_chunk();
+        }
         for (seq, value) in entries {
             let mut event = match StoredEvent::decode(seq, &value) {
                 Ok(event) => event,
@@ -246,6 +262,9 @@ impl Pipeline {
             if watching {
                 live.push(Arc::from(serde_json::to_string(&event)?));
             }
+        }
+        for stage in &self.stages {
+            stage.end_chunk()?;
         }
         self.store.settle(settlement)?;
         let mut counters = self.stats.pipeline();

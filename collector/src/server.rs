@@ -21,6 +21,7 @@ use tower_http::cors::CorsLayer;
 
 use crate::config::{Config, FileConfig};
 use crate::error::{ApiError, StoreError};
+use crate::identity::Identity;
 use crate::imports::job::Importer;
 use crate::imports::postgres::PostgresSource;
 use crate::imports::watch::Watchers;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub limiter: Option<RateLimiter>,
     /// Each source's processing rules.
     pub rules: Arc<Rules>,
+    /// The identity graph.
+    pub identity: Arc<Identity>,
     sources: HashMap<String, Arc<str>>,
     shutdown: watch::Sender<bool>,
 }
@@ -202,9 +205,17 @@ impl Collector {
         let wake = Arc::new(Wake::default());
         let (live, _) = broadcast::channel(LIVE_BUFFER);
 
+        let identity_rules = file
+            .identity
+            .clone()
+            .unwrap_or_default()
+            .compile()
+            .map_err(|e| StoreError::Start(format!("identity resolution: {e}")))?;
+        let identity = Arc::new(Identity::new(store.clone(), identity_rules));
         let stages: Vec<Box<dyn Stage>> = vec![
             Box::new(Process::new(rules.clone())),
             Box::new(Deduplicate::new(store.clone(), config.dedup_window)),
+            Box::new(identity.stage()),
         ];
         let pipeline = Pipeline::new(store.clone(), stats.clone(), stages, live.clone())
             .start(wake.clone())
@@ -235,6 +246,7 @@ impl Collector {
             trusted_proxies: config.trusted_proxies.clone(),
             limiter: (config.rate_limit > 0).then(|| RateLimiter::new(config.rate_limit)),
             rules,
+            identity,
             sources: write_keys
                 .iter()
                 .map(|key| (key.value.clone(), Arc::from(source_id(&key.value))))

@@ -16,6 +16,9 @@
 //! - `failed`: `seq` → a [`FailedEvent`]: events a stage failed, as they came in, with
 //!   the reason, until they are replayed.
 //! - `imports`: import id (time-ordered) → the import job and its report.
+//! - `identity`: the identity graph (identifier owners, profiles, their events, merges,
+//!   suppressed identifiers), one tree so that a pipeline chunk's identity writes apply
+//!   atomically, in one batch.
 //! - `meta`: checkpoint, counters, credentials, each source's processing rules
 //!   (`rules:{source}`).
 
@@ -106,7 +109,14 @@ pub struct Store {
     by_anonymous_id: Tree,
     failed: Tree,
     imports: Tree,
+    identity: Tree,
 }
+
+/// Writes to the identity tree, applied together ([`Store::identity_apply`]).
+pub type IdentityWrites = std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Entries of the identity tree, in key order.
+pub type IdentityEntries = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// A `seq` as a sled key: big-endian, so keys sort in log order.
 fn seq_key(seq: u64) -> [u8; 8] {
@@ -160,6 +170,7 @@ impl Store {
             by_anonymous_id: db.open_tree("by_anonymous_id")?,
             failed: db.open_tree("failed")?,
             imports: db.open_tree("imports")?,
+            identity: db.open_tree("identity")?,
             db,
         })
     }
@@ -458,10 +469,19 @@ impl Store {
                 seqs
             }
         };
+        self.events_by_seq(&seqs)
+    }
+
+    /// The stored events with these `seq`s (those that exist), in the order given.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure or an undecodable event.
+    pub fn events_by_seq(&self, seqs: &[u64]) -> Result<Vec<StoredEvent>, StoreError> {
         let mut events = Vec::with_capacity(seqs.len());
         for seq in seqs {
-            if let Some(value) = self.log.get(seq_key(seq))? {
-                events.push(StoredEvent::decode(seq, &value)?);
+            if let Some(value) = self.log.get(seq_key(*seq))? {
+                events.push(StoredEvent::decode(*seq, &value)?);
             }
         }
         Ok(events)
@@ -584,6 +604,88 @@ impl Store {
     /// On a storage failure.
     pub fn put_meta_text(&self, key: &str, value: &str) -> Result<(), StoreError> {
         self.meta.insert(key, value.as_bytes())?;
+        self.flush()
+    }
+
+    /// A value of the identity tree.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn identity_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.identity.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// The entries of the identity tree under `prefix`, in key order.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn identity_scan(&self, prefix: &[u8]) -> Result<IdentityEntries, StoreError> {
+        self.identity
+            .scan_prefix(prefix)
+            .map(|entry| {
+                let (k, v) = entry?;
+                Ok((k.to_vec(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Applies identity writes (`None` removes) in one atomic batch.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure; nothing of the batch is applied then.
+    pub fn identity_apply(&self, writes: IdentityWrites) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        for (key, value) in writes {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        self.identity.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Erases stored events (a deleted profile's) from the log and its indexes.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn erase_events(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        let mut log = Batch::default();
+        let (mut by_user, mut by_anonymous, mut by_message) =
+            (Batch::default(), Batch::default(), Vec::new());
+        for seq in seqs {
+            let Some(value) = self.log.get(seq_key(*seq))? else {
+                continue;
+            };
+            if let Ok(event) = StoredEvent::decode(*seq, &value) {
+                let common = event.message.common();
+                if let Some(user_id) = &common.user_id {
+                    by_user.remove(index_key(user_id, *seq));
+                }
+                if let Some(anonymous_id) = &common.anonymous_id {
+                    by_anonymous.remove(index_key(anonymous_id, *seq));
+                }
+                if let Some(message_id) = &common.message_id {
+                    let mut key = id_prefix(message_id);
+                    key.extend_from_slice(event.source.as_bytes());
+                    by_message.push(key);
+                }
+            }
+            log.remove(&seq_key(*seq));
+        }
+        self.by_user_id.apply_batch(by_user)?;
+        self.by_anonymous_id.apply_batch(by_anonymous)?;
+        for key in by_message {
+            self.by_message_id.remove(key)?;
+        }
+        self.log.apply_batch(log)?;
         self.flush()
     }
 

@@ -1,0 +1,392 @@
+//! Identity resolution in the collector: kith-identity's [`Graph`] on the embedded store,
+//! run as a pipeline stage, and the profile API.
+//!
+//! The graph lives in one sled tree (see [`crate::store`]). Writes go to an overlay that
+//! reads see through; the pipeline applies a chunk's overlay in one atomic batch before
+//! its checkpoint ([`Stage::end_chunk`]), and a failed chunk's overlay is dropped. Every
+//! graph effect is idempotent per event `seq`, so a replayed chunk changes nothing
+//! twice. Admin operations (split, delete) take the same lock and apply at once.
+//!
+//! Keys of the identity tree: `o\0{identifier}` → owner profile id; `p\0{id}` → profile;
+//! `e\0{id}\0{seq}` → event summary; `m\0{merge}` → merge; `x\0{id}\0{merge}` → the
+//! merges of a profile; `s\0{identifier}` → suppressed; `n` → the last number given.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use kith_identity::graph::{Deleted, Graph, Split, SplitError};
+use kith_identity::identifier::Identifier;
+use kith_identity::profile::{EventSummary, Profile};
+use kith_identity::rules::Rules;
+use kith_identity::store::{Merge, Store as GraphStore};
+use serde_json::{Value, json};
+
+use crate::error::StoreError;
+use crate::pipeline::{Outcome, Stage};
+use crate::store::{IdentityEntries, IdentityWrites, Store, StoredEvent};
+
+/// The reason counted for events dropped because they carry an erased identifier.
+pub const SUPPRESSED: &str = "suppressed";
+
+fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut key = vec![tag, 0];
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            key.push(0);
+        }
+        key.extend_from_slice(part);
+    }
+    key
+}
+
+fn id_bytes(id: &Identifier) -> Vec<u8> {
+    id.to_string().into_bytes()
+}
+
+/// The graph's view of the store: the tree, seen through the pending writes.
+struct View<'a> {
+    store: &'a Store,
+    writes: &'a mut IdentityWrites,
+}
+
+impl View<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.writes.get(key) {
+            Some(pending) => Ok(pending.clone()),
+            None => self.store.identity_get(key),
+        }
+    }
+
+    fn get_json<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        self.get(key)?
+            .map(|v| serde_json::from_slice(&v).map_err(StoreError::from))
+            .transpose()
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.writes.insert(key, value);
+    }
+
+    /// The entries under `prefix`, pending writes included, in key order.
+    fn scan(&self, prefix: &[u8]) -> Result<IdentityEntries, StoreError> {
+        let mut entries: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
+            self.store.identity_scan(prefix)?.into_iter().collect();
+        for (k, v) in self.writes.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => entries.insert(k.clone(), v.clone()),
+                None => entries.remove(k),
+            };
+        }
+        Ok(entries.into_iter().collect())
+    }
+}
+
+impl GraphStore for View<'_> {
+    type Error = StoreError;
+
+    fn owner(&self, id: &Identifier) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .get(&key(b'o', &[&id_bytes(id)]))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn set_owner(&mut self, id: &Identifier, profile: Option<&str>) -> Result<(), StoreError> {
+        self.put(
+            key(b'o', &[&id_bytes(id)]),
+            profile.map(|p| p.as_bytes().to_vec()),
+        );
+        Ok(())
+    }
+
+    fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError> {
+        self.get_json(&key(b'p', &[id.as_bytes()]))
+    }
+
+    fn put_profile(&mut self, profile: &Profile) -> Result<(), StoreError> {
+        self.put(
+            key(b'p', &[profile.id.as_bytes()]),
+            Some(serde_json::to_vec(profile)?),
+        );
+        Ok(())
+    }
+
+    fn delete_profile(&mut self, id: &str) -> Result<(), StoreError> {
+        self.put(key(b'p', &[id.as_bytes()]), None);
+        Ok(())
+    }
+
+    fn next_number(&mut self) -> Result<u64, StoreError> {
+        let last = self
+            .get(b"n")?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        self.put(b"n".to_vec(), Some((last + 1).to_be_bytes().to_vec()));
+        Ok(last + 1)
+    }
+
+    fn events(&self, profile: &str) -> Result<Vec<EventSummary>, StoreError> {
+        self.scan(&key(b'e', &[profile.as_bytes(), b""]))?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(StoreError::from))
+            .collect()
+    }
+
+    fn put_event(&mut self, profile: &str, event: &EventSummary) -> Result<(), StoreError> {
+        let seq = event.seq.to_be_bytes();
+        self.put(
+            key(b'e', &[profile.as_bytes(), &seq]),
+            Some(serde_json::to_vec(event)?),
+        );
+        Ok(())
+    }
+
+    fn delete_events(&mut self, profile: &str) -> Result<(), StoreError> {
+        for (k, _) in self.scan(&key(b'e', &[profile.as_bytes(), b""]))? {
+            self.put(k, None);
+        }
+        Ok(())
+    }
+
+    fn put_merge(&mut self, merge: &Merge) -> Result<(), StoreError> {
+        let number = merge.id.to_be_bytes();
+        self.put(key(b'm', &[&number]), Some(serde_json::to_vec(merge)?));
+        for profile in [&merge.survivor, &merge.merged] {
+            self.put(key(b'x', &[profile.as_bytes(), &number]), Some(Vec::new()));
+        }
+        Ok(())
+    }
+
+    fn merge(&self, id: u64) -> Result<Option<Merge>, StoreError> {
+        self.get_json(&key(b'm', &[&id.to_be_bytes()]))
+    }
+
+    fn delete_merge(&mut self, id: u64) -> Result<(), StoreError> {
+        if let Some(merge) = self.merge(id)? {
+            let number = id.to_be_bytes();
+            for profile in [&merge.survivor, &merge.merged] {
+                self.put(key(b'x', &[profile.as_bytes(), &number]), None);
+            }
+        }
+        self.put(key(b'm', &[&id.to_be_bytes()]), None);
+        Ok(())
+    }
+
+    fn merges_of(&self, profile: &str) -> Result<Vec<Merge>, StoreError> {
+        let prefix = key(b'x', &[profile.as_bytes(), b""]);
+        let mut merges = Vec::new();
+        for (k, _) in self.scan(&prefix)? {
+            let number = <[u8; 8]>::try_from(&k[prefix.len()..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt("bad merge index key".to_owned()))?;
+            if let Some(merge) = self.merge(number)? {
+                merges.push(merge);
+            }
+        }
+        Ok(merges)
+    }
+
+    fn is_suppressed(&self, id: &Identifier) -> Result<bool, StoreError> {
+        Ok(self.get(&key(b's', &[&id_bytes(id)]))?.is_some())
+    }
+
+    fn suppress(&mut self, id: &Identifier) -> Result<(), StoreError> {
+        self.put(key(b's', &[&id_bytes(id)]), Some(Vec::new()));
+        Ok(())
+    }
+}
+
+/// The identity graph of a collector, shared by its pipeline stage and the profile API.
+#[derive(Debug)]
+pub struct Identity {
+    graph: Graph,
+    store: Arc<Store>,
+    pending: Mutex<IdentityWrites>,
+}
+
+impl Identity {
+    /// The graph with `rules` on `store`.
+    pub fn new(store: Arc<Store>, rules: Rules) -> Self {
+        Identity {
+            graph: Graph::new(rules),
+            store,
+            pending: Mutex::new(IdentityWrites::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, IdentityWrites> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `work` on the graph, then applies every pending write (a chunk's so far
+    /// included: they are idempotent).
+    fn write<T>(&self, work: impl FnOnce(&Graph, &mut View<'_>) -> T) -> Result<T, StoreError> {
+        let mut pending = self.lock();
+        let result = work(
+            &self.graph,
+            &mut View {
+                store: &self.store,
+                writes: &mut pending,
+            },
+        );
+        self.store.identity_apply(std::mem::take(&mut *pending))?;
+        self.store.flush()?;
+        Ok(result)
+    }
+
+    /// Runs `work` reading the graph.
+    fn read<T>(
+        &self,
+        work: impl FnOnce(&Graph, &View<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut pending = self.lock();
+        work(
+            &self.graph,
+            &View {
+                store: &self.store,
+                writes: &mut pending,
+            },
+        )
+    }
+
+    /// The live profile answering for `id` (itself, or the one it was merged into).
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn profile(&self, id: &str) -> Result<Option<Profile>, StoreError> {
+        self.read(|graph, view| graph.live(view, id))
+    }
+
+    /// The live profile holding an identifier.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn find(&self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
+        self.read(|graph, view| graph.find(view, id))
+    }
+
+    /// The `seq`s of a live profile's events, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn event_seqs(&self, id: &str) -> Result<Vec<u64>, StoreError> {
+        self.read(|graph, view| match graph.live(view, id)? {
+            Some(profile) => Ok(view.events(&profile.id)?.iter().map(|e| e.seq).collect()),
+            None => Ok(Vec::new()),
+        })
+    }
+
+    /// The merges a live profile took part in.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn merges(&self, id: &str) -> Result<Vec<Merge>, StoreError> {
+        self.read(|graph, view| match graph.live(view, id)? {
+            Some(profile) => view.merges_of(&profile.id),
+            None => Ok(Vec::new()),
+        })
+    }
+
+    /// Undoes a merge.
+    ///
+    /// # Errors
+    ///
+    /// An unknown or undone merge, or a storage failure.
+    pub fn split(&self, merge: u64) -> Result<Split, SplitError<StoreError>> {
+        self.write(|graph, view| graph.split(view, merge))
+            .map_err(SplitError::Store)?
+    }
+
+    /// Erases a profile and its events, and suppresses its identifiers.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn delete(&self, id: &str) -> Result<Option<Deleted>, StoreError> {
+        let deleted = self.write(|graph, view| graph.delete(view, id))??;
+        if let Some(deleted) = &deleted {
+            self.store.erase_events(&deleted.event_seqs)?;
+        }
+        Ok(deleted)
+    }
+
+    /// The pipeline stage.
+    pub fn stage(self: &Arc<Self>) -> Resolve {
+        Resolve {
+            identity: self.clone(),
+        }
+    }
+}
+
+/// The identity pipeline stage: attributes each event to its profile (written to the
+/// stored event as `context.kith.profile_id`, with refused identifiers as
+/// `context.kith.identity_refused`), and drops events carrying an erased identifier.
+#[derive(Debug)]
+pub struct Resolve {
+    identity: Arc<Identity>,
+}
+
+impl Stage for Resolve {
+    fn name(&self) -> &'static str {
+        "identity"
+    }
+
+    fn begin_chunk(&self) {
+        self.identity.lock().clear();
+    }
+
+    fn process(&self, event: &mut StoredEvent) -> Result<Outcome, StoreError> {
+        let identity = &self.identity;
+        let message = serde_json::to_value(&event.message)?;
+        let summary = EventSummary::of(event.seq, &event.source, &message, identity.graph.rules());
+        let resolution = {
+            let mut pending = identity.lock();
+            identity.graph.process(
+                &mut View {
+                    store: &identity.store,
+                    writes: &mut pending,
+                },
+                &summary,
+            )?
+        };
+        if let Some(id) = resolution.suppressed {
+            tracing::info!(seq = event.seq, identifier = %id, "event dropped: it carries an erased identifier");
+            return Ok(Outcome::Drop(SUPPRESSED));
+        }
+        for refusal in &resolution.refusals {
+            tracing::info!(seq = event.seq, identifier = %refusal.identifier, reason = %refusal.reason,
+                           "identifier not linked");
+        }
+        for merge in &resolution.merges {
+            tracing::info!(seq = event.seq, survivor = %merge.survivor, merged = %merge.merged, "profiles merged");
+        }
+        if let Some(profile) = resolution.profile {
+            let context = event
+                .message
+                .common_mut()
+                .context
+                .get_or_insert_with(Default::default);
+            let kith = context.entry("kith").or_insert_with(|| json!({}));
+            if let Value::Object(kith) = kith {
+                kith.insert("profile_id".to_owned(), Value::String(profile));
+                if !resolution.refusals.is_empty() {
+                    kith.insert("identity_refused".to_owned(), json!(resolution.refusals));
+                }
+            }
+        }
+        Ok(Outcome::Continue)
+    }
+
+    fn end_chunk(&self) -> Result<(), StoreError> {
+        let writes = std::mem::take(&mut *self.identity.lock());
+        self.identity.store.identity_apply(writes)
+    }
+}

@@ -1,0 +1,210 @@
+//! The profile API (admin token), over the identity graph:
+//!
+//! - `GET /v1/profiles?identifier=TYPE:VALUE`: the profile holding an identifier.
+//! - `GET /v1/profiles/{id}`: a profile; a merged id answers with its survivor (and
+//!   says so in `merged_id`).
+//! - `GET /v1/profiles/{id}/events?limit=&before=`: its stored events, newest first.
+//! - `GET /v1/profiles/{id}/merges`: its merge log.
+//! - `DELETE /v1/profiles/{id}`: erases it, its identifiers and its events, and
+//!   suppresses the identifiers (later events carrying them are dropped and counted).
+//! - `POST /v1/merges/{id}/split`: undoes a merge.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kith_identity::graph::SplitError;
+use kith_identity::identifier::Identifier;
+use kith_identity::profile::Profile;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::admin::blocking;
+use crate::error::ApiError;
+use crate::server::AppState;
+use crate::store::StoredEvent;
+
+/// Events answered by `GET /v1/profiles/{id}/events` when no `limit` is given.
+const DEFAULT_LIMIT: usize = 100;
+/// The most events one request answers.
+const MAX_LIMIT: usize = 1_000;
+
+/// The routes, to be put behind the admin check.
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/profiles", get(lookup))
+        .route("/v1/profiles/{id}", get(show).delete(erase))
+        .route("/v1/profiles/{id}/events", get(events))
+        .route("/v1/profiles/{id}/merges", get(merges))
+        .route("/v1/merges/{id}/split", post(split))
+}
+
+/// A profile as the API shows it.
+pub fn profile_json(profile: &Profile, requested: &str) -> Value {
+    let mut body = json!({
+        "id": profile.id,
+        "identifiers": profile.identifiers,
+        "traits": profile.trait_values(),
+        "trait_sources": profile.traits,
+        "first_seen": profile.first_seen,
+        "last_seen": profile.last_seen,
+        "events": profile.events,
+        "event_counts": profile.event_counts,
+    });
+    if requested != profile.id {
+        body["merged_id"] = json!(requested);
+    }
+    body
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("no profile {id:?}"))
+}
+
+/// The query of `GET /v1/profiles`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LookupQuery {
+    identifier: String,
+}
+
+async fn lookup(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<LookupQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
+    let id: Identifier =
+        query
+            .identifier
+            .parse()
+            .map_err(|e: kith_identity::identifier::NotAnIdentifier| {
+                ApiError::invalid("invalid_identifier", e.to_string())
+            })?;
+    let identity = state.identity.clone();
+    let wanted = id.clone();
+    let found = blocking(move || identity.find(&wanted)).await?;
+    let profile = found.ok_or_else(|| ApiError::NotFound(format!("no profile holds {id}")))?;
+    Ok(Json(profile_json(&profile, &profile.id)))
+}
+
+async fn show(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let identity = state.identity.clone();
+    let wanted = id.clone();
+    let profile = blocking(move || identity.profile(&wanted))
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(profile_json(&profile, &id)))
+}
+
+/// The paging of `GET /v1/profiles/{id}/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    limit: Option<usize>,
+    before: Option<u64>,
+}
+
+async fn events(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    page: Result<Query<Page>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(page) = page.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
+    let limit = page.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::invalid(
+            "invalid_limit",
+            format!("limit must be between 1 and {MAX_LIMIT}"),
+        ));
+    }
+    let found = profile_events(&state, &id, page.before, limit)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    let next_before = (found.len() == limit)
+        .then(|| found.last().map(|e| e.seq))
+        .flatten();
+    Ok(Json(json!({"events": found, "next_before": next_before})))
+}
+
+/// A profile's stored events with a `seq` below `before`, newest first; `None` when
+/// there is no such profile.
+///
+/// # Errors
+///
+/// On a storage failure.
+pub async fn profile_events(
+    state: &Arc<AppState>,
+    id: &str,
+    before: Option<u64>,
+    limit: usize,
+) -> Result<Option<Vec<StoredEvent>>, ApiError> {
+    let state = state.clone();
+    let id = id.to_owned();
+    blocking(move || {
+        if state.identity.profile(&id)?.is_none() {
+            return Ok(None);
+        }
+        let mut seqs = state.identity.event_seqs(&id)?;
+        seqs.retain(|seq| before.is_none_or(|b| *seq < b));
+        seqs.reverse();
+        seqs.truncate(limit);
+        state.store.events_by_seq(&seqs).map(Some)
+    })
+    .await
+}
+
+async fn merges(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let identity = state.identity.clone();
+    let wanted = id.clone();
+    let (profile, merges) = blocking(move || {
+        Ok::<_, crate::error::StoreError>((identity.profile(&wanted)?, identity.merges(&wanted)?))
+    })
+    .await?;
+    let profile = profile.ok_or_else(|| not_found(&id))?;
+    Ok(Json(json!({"profile": profile.id, "merges": merges})))
+}
+
+async fn erase(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let identity = state.identity.clone();
+    let wanted = id.clone();
+    let deleted = blocking(move || identity.delete(&wanted))
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(json!({
+        "deleted": deleted.profile,
+        "suppressed_identifiers": deleted.identifiers,
+        "erased_events": deleted.event_seqs.len(),
+    })))
+}
+
+async fn split(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<u64>,
+) -> Result<Json<Value>, ApiError> {
+    let identity = state.identity.clone();
+    let result = tokio::task::spawn_blocking(move || identity.split(id))
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    match result {
+        Ok(split) => Ok(Json(
+            json!({"merge": id, "survivor": split.survivor, "restored": split.restored}),
+        )),
+        Err(SplitError::NotFound(message)) => Err(ApiError::NotFound(message)),
+        Err(SplitError::AlreadyUndone(_)) => Err(ApiError::invalid(
+            "already_split",
+            format!("merge {id} was already undone"),
+        )),
+        Err(SplitError::Store(error)) => Err(error.into()),
+    }
+}

@@ -1,0 +1,241 @@
+//! Identity resolution through the collector over real HTTP: events in, unified profiles
+//! out; merges and their log, split, delete with suppression, guardrail refusals on the
+//! stored event, bad requests, and profiles surviving a restart.
+
+mod common;
+
+use common::{Harness, error_code};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn send(h: &Harness, events: Value) {
+    let response = h.post_json("/v1/batch", &json!({"batch": events}));
+    assert_eq!(response.status(), 200);
+    h.wait_processed();
+}
+
+fn profile(h: &Harness, identifier: &str) -> Value {
+    let response = h.admin_get(&format!("/v1/profiles?identifier={identifier}"));
+    assert_eq!(response.status(), 200, "{identifier}");
+    response.json().expect("json")
+}
+
+fn identifiers(profile: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = profile["identifiers"]
+        .as_array()
+        .expect("identifiers")
+        .iter()
+        .map(|i| i.as_str().expect("text").to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn events_build_profiles_that_merge_split_and_erase() {
+    let h = Harness::start();
+    send(
+        &h,
+        json!([
+            {"type": "page", "anonymousId": "a1", "name": "Home", "timestamp": "2024-01-01T10:00:00Z"},
+            {"type": "identify", "anonymousId": "a1", "userId": "u1", "timestamp": "2024-01-01T10:01:00Z",
+             "traits": {"email": "ann@example.com", "plan": "free"}},
+            {"type": "track", "userId": "u1", "event": "Order Completed", "timestamp": "2024-01-02T10:00:00Z"},
+            {"type": "page", "anonymousId": "a2", "timestamp": "2024-01-03T10:00:00Z"},
+            {"type": "identify", "anonymousId": "a2", "traits": {"plan": "pro"}, "timestamp": "2024-01-03T10:01:00Z"}
+        ]),
+    );
+    let ann = profile(&h, "user_id:u1");
+    let ann_id = ann["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        identifiers(&ann),
+        ["anonymous_id:a1", "email:ann@example.com", "user_id:u1"]
+    );
+    assert_eq!(
+        ann["traits"],
+        json!({"email": "ann@example.com", "plan": "free"})
+    );
+    assert_eq!(ann["event_counts"], json!({"Order Completed": 1}));
+    assert_eq!(ann["events"], 3);
+    assert_eq!(ann["first_seen"], "2024-01-01T10:00:00Z");
+    let second = profile(&h, "anonymous_id:a2");
+    let second_id = second["id"].as_str().expect("id").to_owned();
+    assert_ne!(second_id, ann_id);
+    let stored = h.events("user_id=u1");
+    assert_eq!(
+        stored[0]["message"]["context"]["kith"]["profile_id"],
+        ann_id.as_str()
+    );
+
+    // Ann logs in on the second device: the profiles merge, the older id survives.
+    send(
+        &h,
+        json!([{"type": "identify", "anonymousId": "a2", "userId": "u1", "timestamp": "2024-01-04T10:00:00Z"}]),
+    );
+    let merged = profile(&h, "anonymous_id:a2");
+    assert_eq!(merged["id"], ann_id.as_str());
+    assert_eq!(merged["traits"]["plan"], "pro", "the newest value wins");
+    assert_eq!(merged["events"], 6);
+    let by_old_id: Value = h
+        .admin_get(&format!("/v1/profiles/{second_id}"))
+        .json()
+        .expect("json");
+    assert_eq!(by_old_id["id"], ann_id.as_str());
+    assert_eq!(by_old_id["merged_id"], second_id.as_str());
+    let log: Value = h
+        .admin_get(&format!("/v1/profiles/{ann_id}/merges"))
+        .json()
+        .expect("json");
+    let merge = &log["merges"][0];
+    assert_eq!(merge["merged"], second_id.as_str());
+    assert!(
+        merge["reason"].as_str().is_some_and(|r| r.contains("a2")),
+        "{merge}"
+    );
+    let timeline: Value = h
+        .admin_get(&format!("/v1/profiles/{ann_id}/events?limit=4"))
+        .json()
+        .expect("json");
+    assert_eq!(timeline["events"].as_array().map(Vec::len), Some(4));
+    assert!(timeline["next_before"].is_u64());
+    let all: Value = h
+        .admin_get(&format!("/v1/events?profile_id={second_id}"))
+        .json()
+        .expect("json");
+    assert_eq!(
+        all["events"].as_array().map(Vec::len),
+        Some(6),
+        "a merged id answers for the survivor"
+    );
+
+    // Split it: both profiles come back with their own events.
+    let split = h.admin_send(
+        Method::POST,
+        &format!("/v1/merges/{}/split", merge["id"]),
+        &json!({}),
+    );
+    assert_eq!(split.status(), 200);
+    let restored = profile(&h, "anonymous_id:a2");
+    assert_eq!(restored["id"], second_id.as_str());
+    assert_eq!(restored["traits"]["plan"], "pro");
+    assert_eq!(profile(&h, "user_id:u1")["traits"]["plan"], "free");
+    let again = h.admin_send(
+        Method::POST,
+        &format!("/v1/merges/{}/split", merge["id"]),
+        &json!({}),
+    );
+    assert_eq!(error_code(again), (400, "already_split".to_owned()));
+
+    // Erase Ann: her events go, her identifiers are suppressed.
+    let erased: Value = h
+        .http
+        .delete(h.url(&format!("/v1/profiles/{ann_id}")))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .send()
+        .expect("sent")
+        .json()
+        .expect("json");
+    assert_eq!(erased["deleted"], ann_id.as_str());
+    assert!(h.events("user_id=u1").is_empty(), "her events are erased");
+    let gone = h.admin_get(&format!("/v1/profiles/{ann_id}"));
+    assert_eq!(error_code(gone), (404, "not_found".to_owned()));
+    send(
+        &h,
+        json!([{"type": "track", "userId": "u1", "event": "Came Back"}]),
+    );
+    let stats = h.stats();
+    assert_eq!(stats["dropped"]["suppressed"], 1, "{stats}");
+    assert!(h.events("user_id=u1").is_empty());
+}
+
+#[test]
+fn refused_identifiers_are_recorded_on_the_event() {
+    let h = Harness::start();
+    send(
+        &h,
+        json!([{"type": "identify", "userId": "ann", "anonymousId": "kiosk"}]),
+    );
+    send(
+        &h,
+        json!([{"type": "identify", "userId": "bo", "anonymousId": "kiosk"}]),
+    );
+    let bo = profile(&h, "user_id:bo");
+    assert_eq!(identifiers(&bo), ["user_id:bo"]);
+    let stored = h.events("user_id=bo");
+    let refused = &stored[0]["message"]["context"]["kith"]["identity_refused"];
+    assert_eq!(refused[0]["identifier"], "anonymous_id:kiosk");
+    assert!(
+        refused[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("limit 1")),
+        "{refused}"
+    );
+}
+
+#[test]
+fn bad_profile_requests_get_clear_errors() {
+    let h = Harness::start();
+    let cases = [
+        ("/v1/profiles?identifier=nocolon", 400, "invalid_identifier"),
+        ("/v1/profiles", 400, "invalid_query"),
+        ("/v1/profiles?identifier=user_id:nobody", 404, "not_found"),
+        ("/v1/profiles/prf_404", 404, "not_found"),
+        ("/v1/profiles/prf_404/events", 404, "not_found"),
+        ("/v1/profiles/prf_404/merges", 404, "not_found"),
+    ];
+    for (path, status, code) in cases {
+        assert_eq!(
+            error_code(h.admin_get(path)),
+            (status, code.to_owned()),
+            "{path}"
+        );
+    }
+    let split = h.admin_send(Method::POST, "/v1/merges/77/split", &json!({}));
+    assert_eq!(error_code(split), (404, "not_found".to_owned()));
+    let no_auth = h
+        .http
+        .get(h.url("/v1/profiles/prf_1"))
+        .send()
+        .expect("sent");
+    assert_eq!(no_auth.status(), 401);
+}
+
+#[test]
+fn identity_settings_come_from_the_config_file_and_profiles_survive_a_restart() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let start = || {
+        let mut config = common::config(data.path());
+        config.file = Some(kith_collector::config::FileConfig {
+            identity: Some(
+                serde_json::from_value(json!({"blocked_values": ["shared-tablet"],
+                                              "trait_identifiers": {"loyalty": "loyalty_id"}}))
+                .expect("identity config"),
+            ),
+            ..Default::default()
+        });
+        Harness {
+            dir: tempfile::tempdir().expect("tempdir"),
+            collector: kith_collector::Running::start(&config).expect("starts"),
+            http: reqwest::blocking::Client::new(),
+        }
+    };
+    let h = start();
+    send(
+        &h,
+        json!([
+            {"type": "identify", "userId": "ann", "anonymousId": "shared-tablet", "traits": {"loyalty": "L1"}},
+            {"type": "identify", "userId": "bo", "anonymousId": "shared-tablet"},
+            {"type": "identify", "anonymousId": "phone-9", "traits": {"loyalty": "L1"}}
+        ]),
+    );
+    let ann = profile(&h, "user_id:ann");
+    assert_eq!(
+        identifiers(&ann),
+        ["anonymous_id:phone-9", "loyalty_id:L1", "user_id:ann"]
+    );
+    let Harness { collector, .. } = h;
+    collector.stop().expect("stops");
+    let h = start();
+    assert_eq!(profile(&h, "loyalty_id:L1")["id"], ann["id"]);
+    assert_eq!(identifiers(&profile(&h, "user_id:bo")), ["user_id:bo"]);
+}
