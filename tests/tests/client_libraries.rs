@@ -68,7 +68,13 @@ fn assert_six_messages(running: &Running, user_id: &str, library: &str) {
         }
         assert_eq!(event["context"]["ip"], "127.0.0.1");
     }
-    assert_eq!(events[0]["traits"]["email"], "Ann@Example.com");
+    // Sent as "Ann@Example.com"; the default cleaning lower-cases emails and says so
+    // (RudderStack's libraries also send the traits in context.traits).
+    assert_eq!(events[0]["traits"]["email"], "ann@example.com");
+    let cleaned = events[0]["context"]["kith"]["cleaned"]
+        .as_array()
+        .expect("cleaning recorded");
+    assert!(cleaned.contains(&json!({"field": "traits.email", "rule": "email"})));
     assert_eq!(events[0]["anonymousId"], format!("anon-{user_id}"));
     assert_eq!(events[1]["event"], "Order Completed");
     assert_eq!(
