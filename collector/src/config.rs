@@ -69,6 +69,11 @@ pub struct Config {
     #[arg(long, env = "KITH_CACHE_BYTES", default_value_t = DEFAULT_CACHE_BYTES)]
     pub cache_bytes: u64,
 
+    /// Run identity resolution (unified profiles) with the default rules; a config
+    /// file's `identity` section turns it on too, with its rules.
+    #[arg(long, env = "KITH_IDENTITY")]
+    pub identity: bool,
+
     /// The largest file `POST /v1/imports` takes, in bytes.
     #[arg(long, env = "KITH_MAX_IMPORT_BYTES", default_value_t = DEFAULT_MAX_IMPORT_BYTES)]
     pub max_import_bytes: u64,
@@ -91,7 +96,8 @@ pub struct FileConfig {
     pub watch: Vec<WatchedDir>,
     /// PostgreSQL queries whose rows are imported.
     pub postgres: Vec<PostgresSource>,
-    /// Identity resolution: priorities, limits, blocked values (see the README).
+    /// Identity resolution, on when present: priorities, limits, blocked values (see
+    /// the README; `{}` for the defaults).
     pub identity: Option<kith_identity::rules::Config>,
 }
 
@@ -164,6 +170,7 @@ impl Config {
             dedup_window: DEFAULT_DEDUP_WINDOW,
             rate_limit: 0,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            identity: false,
             max_import_bytes: DEFAULT_MAX_IMPORT_BYTES,
             file: None,
         }

@@ -8,7 +8,7 @@
 //! twice. Admin operations (split, delete) take the same lock and apply at once.
 //!
 //! Keys of the identity tree: `o\0{identifier}` → owner profile id; `p\0{id}` → profile;
-//! `e\0{id}\0{seq}` → event summary; `m\0{merge}` → merge; `x\0{id}\0{merge}` → the
+//! `e\0{id}\0{seq}` → (nothing: the timeline; summaries are rebuilt from the log); `m\0{merge}` → merge; `x\0{id}\0{merge}` → the
 //! merges of a profile; `s\0{identifier}` → suppressed; `n` → the last number given.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -46,6 +46,7 @@ fn id_bytes(id: &Identifier) -> Vec<u8> {
 struct View<'a> {
     store: &'a Store,
     writes: &'a mut IdentityWrites,
+    rules: &'a Rules,
 }
 
 impl View<'_> {
@@ -129,19 +130,34 @@ impl GraphStore for View<'_> {
         Ok(last + 1)
     }
 
+    /// The timeline keeps only `seq`s; the summaries are rebuilt from the stored events,
+    /// so the graph does not hold a second copy of every event.
     fn events(&self, profile: &str) -> Result<Vec<EventSummary>, StoreError> {
-        self.scan(&key(b'e', &[profile.as_bytes(), b""]))?
+        let prefix = key(b'e', &[profile.as_bytes(), b""]);
+        let seqs: Vec<u64> = self
+            .scan(&prefix)?
             .into_iter()
-            .map(|(_, v)| serde_json::from_slice(&v).map_err(StoreError::from))
+            .filter_map(|(k, _)| <[u8; 8]>::try_from(&k[prefix.len()..]).ok())
+            .map(u64::from_be_bytes)
+            .collect();
+        self.store
+            .events_by_seq(&seqs)?
+            .into_iter()
+            .map(|event| {
+                let message = serde_json::to_value(&event.message)?;
+                Ok(EventSummary::of(
+                    event.seq,
+                    &event.source,
+                    &message,
+                    self.rules,
+                ))
+            })
             .collect()
     }
 
     fn put_event(&mut self, profile: &str, event: &EventSummary) -> Result<(), StoreError> {
         let seq = event.seq.to_be_bytes();
-        self.put(
-            key(b'e', &[profile.as_bytes(), &seq]),
-            Some(serde_json::to_vec(event)?),
-        );
+        self.put(key(b'e', &[profile.as_bytes(), &seq]), Some(Vec::new()));
         Ok(())
     }
 
@@ -231,6 +247,7 @@ impl Identity {
             &mut View {
                 store: &self.store,
                 writes: &mut pending,
+                rules: self.graph.rules(),
             },
         );
         self.store.identity_apply(std::mem::take(&mut *pending))?;
@@ -249,6 +266,7 @@ impl Identity {
             &View {
                 store: &self.store,
                 writes: &mut pending,
+                rules: self.graph.rules(),
             },
         )
     }
@@ -353,6 +371,7 @@ impl Stage for Resolve {
                 &mut View {
                     store: &identity.store,
                     writes: &mut pending,
+                    rules: identity.graph.rules(),
                 },
                 &summary,
             )?

@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 
 use crate::admin::blocking;
 use crate::error::ApiError;
+use crate::identity::Identity;
 use crate::server::AppState;
 use crate::store::StoredEvent;
 
@@ -63,6 +64,17 @@ fn not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("no profile {id:?}"))
 }
 
+/// The identity graph, or a 404 saying how to turn identity resolution on.
+fn identity(state: &AppState) -> Result<Arc<Identity>, ApiError> {
+    state.identity.clone().ok_or_else(|| {
+        ApiError::NotFound(
+            "identity resolution is off: start the collector with --identity, or give the \
+             config file an \"identity\" section"
+                .to_owned(),
+        )
+    })
+}
+
 /// The query of `GET /v1/profiles`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,7 +94,7 @@ async fn lookup(
             .map_err(|e: kith_identity::identifier::NotAnIdentifier| {
                 ApiError::invalid("invalid_identifier", e.to_string())
             })?;
-    let identity = state.identity.clone();
+    let identity = identity(&state)?;
     let wanted = id.clone();
     let found = blocking(move || identity.find(&wanted)).await?;
     let profile = found.ok_or_else(|| ApiError::NotFound(format!("no profile holds {id}")))?;
@@ -93,7 +105,7 @@ async fn show(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let identity = state.identity.clone();
+    let identity = identity(&state)?;
     let wanted = id.clone();
     let profile = blocking(move || identity.profile(&wanted))
         .await?
@@ -145,11 +157,12 @@ pub async fn profile_events(
 ) -> Result<Option<Vec<StoredEvent>>, ApiError> {
     let state = state.clone();
     let id = id.to_owned();
+    let identity = identity(&state)?;
     blocking(move || {
-        if state.identity.profile(&id)?.is_none() {
+        if identity.profile(&id)?.is_none() {
             return Ok(None);
         }
-        let mut seqs = state.identity.event_seqs(&id)?;
+        let mut seqs = identity.event_seqs(&id)?;
         seqs.retain(|seq| before.is_none_or(|b| *seq < b));
         seqs.reverse();
         seqs.truncate(limit);
@@ -162,7 +175,7 @@ async fn merges(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let identity = state.identity.clone();
+    let identity = identity(&state)?;
     let wanted = id.clone();
     let (profile, merges) = blocking(move || {
         Ok::<_, crate::error::StoreError>((identity.profile(&wanted)?, identity.merges(&wanted)?))
@@ -176,7 +189,7 @@ async fn erase(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let identity = state.identity.clone();
+    let identity = identity(&state)?;
     let wanted = id.clone();
     let deleted = blocking(move || identity.delete(&wanted))
         .await?
@@ -192,7 +205,7 @@ async fn split(
     State(state): State<Arc<AppState>>,
     Path(id): Path<u64>,
 ) -> Result<Json<Value>, ApiError> {
-    let identity = state.identity.clone();
+    let identity = identity(&state)?;
     let result = tokio::task::spawn_blocking(move || identity.split(id))
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;

@@ -63,8 +63,8 @@ pub struct AppState {
     pub limiter: Option<RateLimiter>,
     /// Each source's processing rules.
     pub rules: Arc<Rules>,
-    /// The identity graph.
-    pub identity: Arc<Identity>,
+    /// The identity graph, when identity resolution is on.
+    pub identity: Option<Arc<Identity>>,
     sources: HashMap<String, Arc<str>>,
     shutdown: watch::Sender<bool>,
 }
@@ -205,18 +205,24 @@ impl Collector {
         let wake = Arc::new(Wake::default());
         let (live, _) = broadcast::channel(LIVE_BUFFER);
 
-        let identity_rules = file
+        let identity_config = file
             .identity
             .clone()
-            .unwrap_or_default()
-            .compile()
-            .map_err(|e| StoreError::Start(format!("identity resolution: {e}")))?;
-        let identity = Arc::new(Identity::new(store.clone(), identity_rules));
-        let stages: Vec<Box<dyn Stage>> = vec![
+            .or_else(|| config.identity.then(Default::default));
+        let identity = identity_config
+            .map(|c| {
+                c.compile()
+                    .map(|rules| Arc::new(Identity::new(store.clone(), rules)))
+                    .map_err(|e| StoreError::Start(format!("identity resolution: {e}")))
+            })
+            .transpose()?;
+        let mut stages: Vec<Box<dyn Stage>> = vec![
             Box::new(Process::new(rules.clone())),
             Box::new(Deduplicate::new(store.clone(), config.dedup_window)),
-            Box::new(identity.stage()),
         ];
+        if let Some(identity) = &identity {
+            stages.push(Box::new(identity.stage()));
+        }
         let pipeline = Pipeline::new(store.clone(), stats.clone(), stages, live.clone())
             .start(wake.clone())
             .map_err(|e| StoreError::Start(format!("the pipeline: {e}")))?;

@@ -1,12 +1,17 @@
 //! Identity resolution through the collector over real HTTP: events in, unified profiles
 //! out; merges and their log, split, delete with suppression, guardrail refusals on the
-//! stored event, bad requests, and profiles surviving a restart.
+//! stored event, bad requests, profiles surviving a restart, and the API saying so when
+//! identity resolution is off.
 
 mod common;
 
 use common::{Harness, error_code};
 use reqwest::Method;
 use serde_json::{Value, json};
+
+fn with_identity() -> Harness {
+    Harness::start_with(|config| config.identity = true)
+}
 
 fn send(h: &Harness, events: Value) {
     let response = h.post_json("/v1/batch", &json!({"batch": events}));
@@ -33,7 +38,7 @@ fn identifiers(profile: &Value) -> Vec<String> {
 
 #[test]
 fn events_build_profiles_that_merge_split_and_erase() {
-    let h = Harness::start();
+    let h = with_identity();
     send(
         &h,
         json!([
@@ -150,7 +155,7 @@ fn events_build_profiles_that_merge_split_and_erase() {
 
 #[test]
 fn refused_identifiers_are_recorded_on_the_event() {
-    let h = Harness::start();
+    let h = with_identity();
     send(
         &h,
         json!([{"type": "identify", "userId": "ann", "anonymousId": "kiosk"}]),
@@ -174,7 +179,7 @@ fn refused_identifiers_are_recorded_on_the_event() {
 
 #[test]
 fn bad_profile_requests_get_clear_errors() {
-    let h = Harness::start();
+    let h = with_identity();
     let cases = [
         ("/v1/profiles?identifier=nocolon", 400, "invalid_identifier"),
         ("/v1/profiles", 400, "invalid_query"),
@@ -238,4 +243,25 @@ fn identity_settings_come_from_the_config_file_and_profiles_survive_a_restart() 
     let h = start();
     assert_eq!(profile(&h, "loyalty_id:L1")["id"], ann["id"]);
     assert_eq!(identifiers(&profile(&h, "user_id:bo")), ["user_id:bo"]);
+}
+
+#[test]
+fn without_identity_resolution_the_profile_api_says_how_to_turn_it_on() {
+    let h = Harness::start();
+    send(&h, json!([{"type": "identify", "userId": "ann"}]));
+    let response = h.admin_get("/v1/profiles?identifier=user_id:ann");
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().expect("json");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--identity")),
+        "{body}"
+    );
+    let stored = h.events("user_id=ann");
+    assert_eq!(
+        stored[0]["message"]["context"].get("kith"),
+        None,
+        "no profile id"
+    );
 }
