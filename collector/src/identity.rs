@@ -9,12 +9,14 @@
 //!
 //! Keys of the identity tree: `o\0{identifier}` → owner profile id; `p\0{id}` → profile;
 //! `e\0{id}\0{seq}` → (nothing: the timeline; summaries are rebuilt from the log); `m\0{merge}` → merge; `x\0{id}\0{merge}` → the
-//! merges of a profile; `s\0{identifier}` → suppressed; `n` → the last number given.
+//! merges of a profile; `s\0{identifier}` → suppressed; `g\0{a}\0{b}` → a suggested
+//! merge; `n` → the last number given.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use kith_identity::graph::{Deleted, Graph, Split, SplitError};
 use kith_identity::identifier::Identifier;
+use kith_identity::matching::{self, Record, Scored};
 use kith_identity::profile::{EventSummary, Profile};
 use kith_identity::rules::Rules;
 use kith_identity::store::{Merge, Store as GraphStore};
@@ -84,6 +86,20 @@ impl View<'_> {
             };
         }
         Ok(entries.into_iter().collect())
+    }
+}
+
+impl View<'_> {
+    /// Every live (not merged) profile.
+    fn live_profiles(&self) -> Result<Vec<Profile>, StoreError> {
+        let mut live = Vec::new();
+        for (_, value) in self.scan(&key(b'p', &[b""]))? {
+            let profile: Profile = serde_json::from_slice(&value)?;
+            if profile.merged_into.is_none() {
+                live.push(profile);
+            }
+        }
+        Ok(live)
     }
 }
 
@@ -216,6 +232,37 @@ impl GraphStore for View<'_> {
     }
 }
 
+/// What a matching run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MatchReport {
+    /// Live profiles considered.
+    pub profiles: usize,
+    /// Candidate pairs compared.
+    pub compared: usize,
+    /// Pairs merged.
+    pub merged: usize,
+    /// Pairs above the match probability that a guardrail kept apart.
+    pub refused: usize,
+    /// Pairs kept as suggestions.
+    pub suggested: usize,
+}
+
+/// Why matching cannot run or decide.
+#[derive(Debug, thiserror::Error)]
+pub enum MatchError {
+    /// The identity settings have no `matching` section.
+    #[error(
+        "probabilistic matching is not configured: add a \"matching\" section to the identity settings"
+    )]
+    NotConfigured,
+    /// The pair is not a suggested merge.
+    #[error("no such suggested merge")]
+    NoSuggestion,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// The identity graph of a collector, shared by its pipeline stage and the profile API.
 #[derive(Debug)]
 pub struct Identity {
@@ -334,6 +381,133 @@ impl Identity {
             self.store.erase_events(&deleted.event_seqs)?;
         }
         Ok(deleted)
+    }
+
+    /// Runs probabilistic matching over the live profiles' traits: merges the pairs
+    /// above the match probability (within the guardrails) and keeps the pairs in the
+    /// review band as suggestions, replacing the previous ones.
+    ///
+    /// # Errors
+    ///
+    /// [`MatchError::NotConfigured`] without a `matching` section, or a storage failure.
+    pub fn run_matching(&self) -> Result<MatchReport, MatchError> {
+        let config = self
+            .graph
+            .rules()
+            .config()
+            .matching
+            .clone()
+            .ok_or(MatchError::NotConfigured)?;
+        let names: Vec<&str> = config
+            .fields
+            .iter()
+            .flat_map(|f| std::iter::once(f.name.as_str()).chain(f.also.as_deref()))
+            .chain(config.blocking.iter().flatten().map(|k| k.field.as_str()))
+            .collect();
+        let report = self.write(|graph, view| -> Result<MatchReport, StoreError> {
+            let records: Vec<Record> = view
+                .live_profiles()?
+                .into_iter()
+                .map(|profile| Record {
+                    fields: names
+                        .iter()
+                        .filter_map(|name| {
+                            let value = &profile.traits.get(*name)?.value;
+                            let text = match value {
+                                Value::String(s) => s.clone(),
+                                Value::Number(n) => n.to_string(),
+                                _ => return None,
+                            };
+                            Some(((*name).to_owned(), text))
+                        })
+                        .collect(),
+                    id: profile.id,
+                })
+                .collect();
+            let mut outcome = matching::run(&config, &records);
+            outcome.matches.sort_by(|x, y| y.probability.total_cmp(&x.probability));
+            let mut report = MatchReport {
+                profiles: records.len(),
+                compared: outcome.compared,
+                ..MatchReport::default()
+            };
+            for pair in &outcome.matches {
+                let live = |id: &str| graph.live(&*view, id).map(|p| p.map(|p| p.id));
+                if live(&pair.a)? == live(&pair.b)? {
+                    continue; // joined already, through another pair
+                }
+                let reason = format!(
+                    "probabilistic match: probability {:.4}, weight {:.2}",
+                    pair.probability, pair.weight
+                );
+                match graph.merge_profiles(view, &pair.a, &pair.b, &reason)? {
+                    Ok(_) => report.merged += 1,
+                    Err(why) => {
+                        tracing::info!(a = %pair.a, b = %pair.b, %why, "probabilistic match not merged");
+                        report.refused += 1;
+                    }
+                }
+            }
+            for (k, _) in view.scan(&key(b'g', &[b""]))? {
+                view.put(k, None);
+            }
+            for pair in &outcome.suggestions {
+                view.put(
+                    key(b'g', &[pair.a.as_bytes(), pair.b.as_bytes()]),
+                    Some(serde_json::to_vec(pair)?),
+                );
+                report.suggested += 1;
+            }
+            Ok(report)
+        })??;
+        Ok(report)
+    }
+
+    /// The suggested merges of the last matching run.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn suggestions(&self) -> Result<Vec<Scored>, StoreError> {
+        self.read(|_, view| {
+            view.scan(&key(b'g', &[b""]))?
+                .into_iter()
+                .map(|(_, v)| serde_json::from_slice(&v).map_err(StoreError::from))
+                .collect()
+        })
+    }
+
+    /// Accepts (merges) or dismisses a suggested merge; answers the merge when
+    /// accepted, or why the guardrails refused it.
+    ///
+    /// # Errors
+    ///
+    /// [`MatchError::NoSuggestion`] for a pair not suggested, or a storage failure.
+    pub fn decide(
+        &self,
+        a: &str,
+        b: &str,
+        accept: bool,
+    ) -> Result<Option<Result<Merge, String>>, MatchError> {
+        let decided = self.write(
+            |graph, view| -> Result<Option<Option<Result<Merge, String>>>, StoreError> {
+                let suggestion = key(b'g', &[a.as_bytes(), b.as_bytes()]);
+                let Some(raw) = view.get(&suggestion)? else {
+                    return Ok(None);
+                };
+                let pair: Scored = serde_json::from_slice(&raw)?;
+                view.put(suggestion, None);
+                if !accept {
+                    return Ok(Some(None));
+                }
+                let reason = format!(
+                    "suggested merge accepted: probability {:.4}, weight {:.2}",
+                    pair.probability, pair.weight
+                );
+                Ok(Some(Some(graph.merge_profiles(view, a, b, &reason)?)))
+            },
+        )??;
+        decided.ok_or(MatchError::NoSuggestion)
     }
 
     /// The pipeline stage.

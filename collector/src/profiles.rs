@@ -8,9 +8,15 @@
 //! - `DELETE /v1/profiles/{id}`: erases it, its identifiers and its events, and
 //!   suppresses the identifiers (later events carrying them are dropped and counted).
 //! - `POST /v1/merges/{id}/split`: undoes a merge.
+//! - `POST /v1/matching/run`: probabilistic matching over the profiles' traits (when the
+//!   identity settings have a `matching` section): merges likely pairs, keeps the
+//!   doubtful ones as suggestions.
+//! - `GET /v1/suggested-merges`; `POST /v1/suggested-merges/accept` and `/dismiss` with
+//!   `{"a": id, "b": id}`.
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
@@ -23,7 +29,7 @@ use serde_json::{Value, json};
 
 use crate::admin::blocking;
 use crate::error::ApiError;
-use crate::identity::Identity;
+use crate::identity::{Identity, MatchError, MatchReport};
 use crate::server::AppState;
 use crate::store::StoredEvent;
 
@@ -40,6 +46,9 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/profiles/{id}/events", get(events))
         .route("/v1/profiles/{id}/merges", get(merges))
         .route("/v1/merges/{id}/split", post(split))
+        .route("/v1/matching/run", post(run_matching))
+        .route("/v1/suggested-merges", get(suggestions))
+        .route("/v1/suggested-merges/{decision}", post(decide))
 }
 
 /// A profile as the API shows it.
@@ -219,5 +228,66 @@ async fn split(
             format!("merge {id} was already undone"),
         )),
         Err(SplitError::Store(error)) => Err(error.into()),
+    }
+}
+
+fn match_error(error: MatchError) -> ApiError {
+    match error {
+        MatchError::NotConfigured => {
+            ApiError::invalid("matching_not_configured", error.to_string())
+        }
+        MatchError::NoSuggestion => ApiError::NotFound(error.to_string()),
+        MatchError::Store(error) => error.into(),
+    }
+}
+
+async fn run_matching(State(state): State<Arc<AppState>>) -> Result<Json<MatchReport>, ApiError> {
+    let identity = identity(&state)?;
+    let report = tokio::task::spawn_blocking(move || identity.run_matching())
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .map_err(match_error)?;
+    Ok(Json(report))
+}
+
+async fn suggestions(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let identity = identity(&state)?;
+    let suggestions = blocking(move || identity.suggestions()).await?;
+    Ok(Json(json!({"suggestions": suggestions})))
+}
+
+/// The body of a decision on a suggested merge.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Pair {
+    a: String,
+    b: String,
+}
+
+async fn decide(
+    State(state): State<Arc<AppState>>,
+    Path(decision): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let accept = match decision.as_str() {
+        "accept" => true,
+        "dismiss" => false,
+        _ => return Err(ApiError::NotFound("use /accept or /dismiss".to_owned())),
+    };
+    let pair: Pair = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid(
+            "invalid_body",
+            format!("send {{\"a\": id, \"b\": id}}: {e}"),
+        )
+    })?;
+    let identity = identity(&state)?;
+    let decided = tokio::task::spawn_blocking(move || identity.decide(&pair.a, &pair.b, accept))
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .map_err(match_error)?;
+    match decided {
+        None => Ok(Json(json!({"dismissed": true}))),
+        Some(Ok(merge)) => Ok(Json(json!({"merged": merge}))),
+        Some(Err(why)) => Err(ApiError::invalid("merge_refused", why)),
     }
 }

@@ -265,3 +265,113 @@ fn without_identity_resolution_the_profile_api_says_how_to_turn_it_on() {
         "no profile id"
     );
 }
+
+#[test]
+fn probabilistic_matching_merges_likely_pairs_and_suggests_doubtful_ones() {
+    let (records, truth) = kith_identity::synthetic::population(150, 3);
+    // A wide review band, so that some pairs are only suggested.
+    let mut matching = kith_identity::synthetic::person_config();
+    matching.review_probability = 1e-9;
+    let h = Harness::start_with(|config| {
+        config.file = Some(kith_collector::config::FileConfig {
+            identity: Some(kith_identity::rules::Config {
+                matching: Some(matching),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    });
+    let not_run = h.admin_get("/v1/suggested-merges");
+    assert_eq!(not_run.status(), 200);
+    let events: Vec<Value> = records
+        .iter()
+        .map(|r| json!({"type": "identify", "anonymousId": r.id, "traits": r.fields}))
+        .collect();
+    for chunk in events.chunks(100) {
+        send(&h, json!(chunk));
+    }
+    let report: Value = h
+        .admin_send(Method::POST, "/v1/matching/run", &json!({}))
+        .json()
+        .expect("json");
+    assert_eq!(report["profiles"], records.len(), "{report}");
+    assert!(report["merged"].as_u64() > Some(100), "{report}");
+
+    // Pairwise precision and recall of the resulting profiles against the truth.
+    let profile_of: Vec<String> = records
+        .iter()
+        .map(|r| {
+            profile(&h, &format!("anonymous_id:{}", r.id))["id"]
+                .as_str()
+                .expect("id")
+                .to_owned()
+        })
+        .collect();
+    let (mut tp, mut fp, mut fnn) = (0u32, 0u32, 0u32);
+    for i in 0..records.len() {
+        for j in i + 1..records.len() {
+            match (truth[i] == truth[j], profile_of[i] == profile_of[j]) {
+                (true, true) => tp += 1,
+                (false, true) => fp += 1,
+                (true, false) => fnn += 1,
+                (false, false) => {}
+            }
+        }
+    }
+    let (precision, recall) = (
+        f64::from(tp) / f64::from(tp + fp),
+        f64::from(tp) / f64::from(tp + fnn),
+    );
+    println!("through the collector: precision {precision:.4}, recall {recall:.4}; {report}");
+    assert!(
+        precision >= 0.97 && recall >= 0.97,
+        "precision {precision}, recall {recall}"
+    );
+
+    // The merge log says why.
+    let merged_profile = profile_of
+        .iter()
+        .find(|p| profile_of.iter().filter(|q| q == p).count() > 1)
+        .expect("a merged profile");
+    let log: Value = h
+        .admin_get(&format!("/v1/profiles/{merged_profile}/merges"))
+        .json()
+        .expect("json");
+    assert!(
+        log["merges"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("probabilistic match")),
+        "{log}"
+    );
+
+    // Suggestions can be listed, accepted or dismissed once.
+    let listed: Value = h.admin_get("/v1/suggested-merges").json().expect("json");
+    let suggestions = listed["suggestions"].as_array().expect("list").clone();
+    assert_eq!(
+        suggestions.len() as u64,
+        report["suggested"].as_u64().unwrap_or(0)
+    );
+    if let Some(first) = suggestions.first() {
+        let pair = json!({"a": first["a"], "b": first["b"]});
+        let dismissed = h.admin_send(Method::POST, "/v1/suggested-merges/dismiss", &pair);
+        assert_eq!(dismissed.status(), 200);
+        let again = h.admin_send(Method::POST, "/v1/suggested-merges/accept", &pair);
+        assert_eq!(error_code(again), (404, "not_found".to_owned()));
+    }
+    let bad = h.admin_send(
+        Method::POST,
+        "/v1/suggested-merges/accept",
+        &json!({"a": 1}),
+    );
+    assert_eq!(error_code(bad), (400, "invalid_body".to_owned()));
+}
+
+#[test]
+fn matching_without_settings_says_so() {
+    let h = with_identity();
+    let response = h.admin_send(Method::POST, "/v1/matching/run", &json!({}));
+    assert_eq!(
+        error_code(response),
+        (400, "matching_not_configured".to_owned())
+    );
+}

@@ -211,6 +211,43 @@ pub struct Outcome {
     pub parameters: Parameters,
 }
 
+impl MatchConfig {
+    /// Checks what serde cannot: fields and keys present, probabilities in order, hand-set
+    /// `m` and `u` with one value per level.
+    ///
+    /// # Errors
+    ///
+    /// A sentence saying what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        if self.fields.is_empty() || self.blocking.iter().all(Vec::is_empty) {
+            return Err("matching needs fields and at least one blocking key".to_owned());
+        }
+        if !(0.0 < self.review_probability
+            && self.review_probability <= self.match_probability
+            && self.match_probability < 1.0)
+        {
+            return Err(
+                "matching needs 0 < review_probability <= match_probability < 1".to_owned(),
+            );
+        }
+        for field in &self.fields {
+            for (which, values) in [("m", &field.m), ("u", &field.u)] {
+                if let Some(values) = values
+                    && (values.len() != field.comparator.levels()
+                        || values.iter().any(|v| *v <= 0.0 || *v > 1.0))
+                {
+                    return Err(format!(
+                        "{which} of {} needs {} probabilities in (0, 1], one per level",
+                        field.name,
+                        field.comparator.levels()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn key_of(record: &Record, key: &[KeyPart]) -> Option<String> {
     let mut parts = Vec::with_capacity(key.len());
     for part in key {

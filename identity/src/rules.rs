@@ -50,6 +50,8 @@ pub struct Config {
     /// Sources (ids) whose traits win over others', highest first; among equals the
     /// newest value wins.
     pub source_priority: Vec<String>,
+    /// Probabilistic matching of profiles that share no identifier, over their traits.
+    pub matching: Option<crate::matching::MatchConfig>,
 }
 
 impl Default for Config {
@@ -80,6 +82,7 @@ impl Default for Config {
             blocked_patterns: Vec::new(),
             trait_identifiers: BTreeMap::new(),
             source_priority: Vec::new(),
+            matching: None,
         }
     }
 }
@@ -115,6 +118,9 @@ impl Config {
             return Err(InvalidConfig(format!(
                 "the limit of {kind} must be at least 1"
             )));
+        }
+        if let Some(matching) = &self.matching {
+            matching.check().map_err(InvalidConfig)?;
         }
         if self.max_identifiers == 0 || self.default_limit == 0 {
             return Err(InvalidConfig(
