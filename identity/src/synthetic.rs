@@ -3,9 +3,9 @@
 //! names, day and month swapped, missing values), and people who share common names.
 //! Deterministic for a seed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::matching::{Comparator, Field, KeyPart, MatchConfig, Record};
+use crate::matching::{Comparator, Field, KeyPart, MatchConfig, Record, Scored};
 
 const FIRST: [&str; 40] = [
     "James",
@@ -270,5 +270,59 @@ pub fn person_config() -> MatchConfig {
         ],
         match_probability: 0.5,
         review_probability: 0.1,
+    }
+}
+
+/// Pairwise scores of a matching against the truth.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    /// Share of the pairs put together that are one person.
+    pub precision: f64,
+    /// Share of the pairs that are one person that were put together.
+    pub recall: f64,
+    /// Their harmonic mean.
+    pub f1: f64,
+}
+
+/// Clusters the matched pairs (transitively) and scores the clusters pairwise against
+/// `truth` (each record's person).
+pub fn score(records: &[Record], truth: &[usize], matches: &[Scored]) -> Scores {
+    let index: HashMap<&str, usize> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.as_str(), i))
+        .collect();
+    let mut parent: Vec<usize> = (0..records.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    for pair in matches {
+        let (a, b) = (
+            root(&mut parent, index[pair.a.as_str()]),
+            root(&mut parent, index[pair.b.as_str()]),
+        );
+        parent[a.max(b)] = a.min(b);
+    }
+    let predicted: Vec<usize> = (0..records.len()).map(|i| root(&mut parent, i)).collect();
+    let pairs = |labels: &mut dyn Iterator<Item = (usize, usize)>| -> u64 {
+        let mut sizes: HashMap<(usize, usize), u64> = HashMap::new();
+        for label in labels {
+            *sizes.entry(label).or_default() += 1;
+        }
+        sizes.values().map(|n| n * (n - 1) / 2).sum()
+    };
+    let together = pairs(&mut predicted.iter().zip(truth).map(|(p, t)| (*p, *t))) as f64;
+    let predicted_pairs = pairs(&mut predicted.iter().map(|p| (*p, 0))) as f64;
+    let true_pairs = pairs(&mut truth.iter().map(|t| (*t, 0))) as f64;
+    let precision = together / predicted_pairs;
+    let recall = together / true_pairs;
+    Scores {
+        precision,
+        recall,
+        f1: 2.0 * precision * recall / (precision + recall),
     }
 }

@@ -13,8 +13,20 @@
 //! rows/s, the ratio to the baseline, and the collector's peak RSS until its pipeline has
 //! processed every imported event.
 //!
-//! Run: `cargo run --release -p kith-collector --bin kith-load -- --events 500000`, or
-//! `... -- --import-mb 200`.
+//! With `--stitch-identifiers N` it measures identity resolution on the collector's
+//! embedded store: people with a user id, an email and two devices send the events of a
+//! login on each device (the second login merges two profiles), through the identity
+//! stage exactly as the pipeline runs it (chunks of 2,000, one atomic batch each), until
+//! N identifiers are stored. It reports events/s against the raw sled rate of the same
+//! number of writes (the baseline) and the p50/p99 latency of the merge decisions.
+//!
+//! With `--match-people N` it runs probabilistic matching on N generated people (records
+//! with typos, swapped names, missing values) and reports precision, recall, F1 and the
+//! run time, with the cost per compared pair against one bare Jaro-Winkler comparison.
+//!
+//! Run: `cargo run --release -p kith-collector --bin kith-load -- --events 500000`,
+//! `... -- --import-mb 200`, `... -- --stitch-identifiers 1000000`, or
+//! `... -- --match-people 20000`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -44,6 +56,12 @@ struct Args {
     /// Measure the import of a CSV file of this many MB instead of HTTP ingest.
     #[arg(long)]
     import_mb: Option<u64>,
+    /// Measure identity resolution until this many identifiers are stored.
+    #[arg(long)]
+    stitch_identifiers: Option<u64>,
+    /// Measure probabilistic matching on a generated population of this many people.
+    #[arg(long)]
+    match_people: Option<usize>,
 }
 
 /// One realistic analytics.js-style track event, about 600 bytes of JSON.
@@ -265,8 +283,182 @@ fn import_benchmark(collector: &std::path::Path, mb: u64) {
     );
 }
 
+/// The four events of person `n`: a visit and a login on each of two devices.
+fn person_events(n: u64) -> [Value; 4] {
+    let (user, email) = (format!("user-{n}"), format!("person{n}@example.com"));
+    let (a, b) = (format!("anon-{n}-a"), format!("anon-{n}-b"));
+    let at = "2026-11-29T12:00:00Z";
+    [
+        json!({"type": "page", "anonymousId": a, "timestamp": at, "messageId": format!("{n}-1")}),
+        json!({"type": "identify", "anonymousId": a, "userId": user, "timestamp": at,
+               "messageId": format!("{n}-2"), "traits": {"email": email, "plan": "pro"}}),
+        json!({"type": "page", "anonymousId": b, "timestamp": at, "messageId": format!("{n}-3")}),
+        json!({"type": "identify", "anonymousId": b, "userId": user, "timestamp": at,
+               "messageId": format!("{n}-4")}),
+    ]
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn stitch_benchmark(identifiers: u64) {
+    use kith_collector::pipeline::{Outcome, Stage};
+    use kith_collector::store::{Store, StoredEvent};
+
+    const CHUNK: u64 = 2_000;
+    let people = identifiers.div_ceil(4);
+    let events = people * 4;
+    println!(
+        "kith-load: identity resolution, {people} people, {events} events, {identifiers} identifiers"
+    );
+
+    // Baseline: the raw sled rate of one small write per event, in chunk batches.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = sled::Config::new()
+        .path(dir.path())
+        .cache_capacity(kith_collector::config::DEFAULT_CACHE_BYTES)
+        .open()
+        .expect("sled opens");
+    let tree = db.open_tree("t").expect("tree");
+    let started = Instant::now();
+    for chunk in 0..events.div_ceil(CHUNK) {
+        let mut batch = sled::Batch::default();
+        for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(events) {
+            batch.insert(
+                format!("o\0anonymous_id:anon-{i}").as_bytes(),
+                b"prf_000000".as_slice(),
+            );
+        }
+        tree.apply_batch(batch).expect("write");
+        db.flush().expect("flush");
+    }
+    let raw = events as f64 / started.elapsed().as_secs_f64();
+    drop((tree, db));
+    println!(
+        "baseline: raw sled, one small write per event in 2,000-write batches: {raw:.0} writes/s"
+    );
+
+    let data = tempfile::tempdir().expect("temp dir");
+    let store = std::sync::Arc::new(
+        Store::open(data.path(), kith_collector::config::DEFAULT_CACHE_BYTES).expect("store"),
+    );
+    let identity = std::sync::Arc::new(kith_collector::identity::Identity::new(
+        store.clone(),
+        kith_identity::rules::Rules::default(),
+    ));
+    let stage = identity.stage();
+    let mut merge_decisions = Vec::with_capacity(people as usize);
+    let started = Instant::now();
+    let mut seq = 0;
+    for chunk in 0..people.div_ceil(CHUNK / 4) {
+        stage.begin_chunk();
+        for n in chunk * (CHUNK / 4)..((chunk + 1) * (CHUNK / 4)).min(people) {
+            for (i, message) in person_events(n).into_iter().enumerate() {
+                seq += 1;
+                let mut event = StoredEvent {
+                    seq,
+                    source: "src_load".to_owned(),
+                    message: serde_json::from_value(message).expect("message"),
+                };
+                let decided = Instant::now();
+                let outcome = stage.process(&mut event).expect("identity stage");
+                if i == 3 {
+                    merge_decisions.push(decided.elapsed());
+                }
+                assert_eq!(outcome, Outcome::Continue);
+            }
+        }
+        stage.end_chunk().expect("chunk applied");
+        store.flush().expect("flush");
+    }
+    let elapsed = started.elapsed();
+    let rate = events as f64 / elapsed.as_secs_f64();
+    merge_decisions.sort_unstable();
+    let check = identity
+        .find(&"user_id:user-0".parse().expect("identifier"))
+        .expect("store")
+        .expect("profile");
+    assert_eq!(
+        check.identifiers.len(),
+        4,
+        "the two devices merged into one profile"
+    );
+    println!(
+        "identity stage: {rate:.0} events/s ({:.1} s)",
+        elapsed.as_secs_f64()
+    );
+    println!("ratio stitching / raw sled writes: {:.3}", rate / raw);
+    println!(
+        "merge decisions (second device's login): p50 {:?}, p99 {:?}, max {:?}",
+        percentile(&merge_decisions, 0.5),
+        percentile(&merge_decisions, 0.99),
+        merge_decisions.last().copied().unwrap_or_default()
+    );
+    println!(
+        "peak RSS (VmHWM) of this process: {:.1} MiB",
+        peak_rss_mib(std::process::id())
+    );
+}
+
+fn match_benchmark(people: usize) {
+    use kith_identity::{matching, synthetic};
+
+    let (records, truth) = synthetic::population(people, 2026);
+    println!(
+        "kith-load: probabilistic matching, {} records of {people} people",
+        records.len()
+    );
+    let names: Vec<&String> = records
+        .iter()
+        .filter_map(|r| r.fields.get("last_name"))
+        .collect();
+    let started = Instant::now();
+    let mut checksum = 0.0;
+    for (i, name) in names.iter().enumerate() {
+        checksum += strsim::jaro_winkler(name, names[(i * 7 + 1) % names.len()]);
+    }
+    let per_comparison = started.elapsed().as_secs_f64() / names.len() as f64;
+    println!(
+        "baseline: one Jaro-Winkler comparison {:.0} ns (checksum {checksum:.1})",
+        per_comparison * 1e9
+    );
+    let started = Instant::now();
+    let outcome = matching::run(&synthetic::person_config(), &records);
+    let elapsed = started.elapsed();
+    let scores = synthetic::score(&records, &truth, &outcome.matches);
+    let all_pairs = records.len() * (records.len() - 1) / 2;
+    println!(
+        "blocking: {} candidate pairs of {all_pairs} ({:.4} %)",
+        outcome.compared,
+        outcome.compared as f64 * 100.0 / all_pairs as f64
+    );
+    println!(
+        "matching run (blocking, comparisons, EM, classification): {:.2} s; {:.0} ns per candidate pair = {:.1} Jaro-Winkler comparisons",
+        elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() * 1e9 / outcome.compared as f64,
+        elapsed.as_secs_f64() / outcome.compared as f64 / per_comparison
+    );
+    println!(
+        "{} matched, {} suggested; precision {:.4}, recall {:.4}, F1 {:.4}",
+        outcome.matches.len(),
+        outcome.suggestions.len(),
+        scores.precision,
+        scores.recall,
+        scores.f1
+    );
+}
+
 fn main() {
     let args = Args::parse();
+    if let Some(people) = args.match_people {
+        match_benchmark(people);
+        return;
+    }
+    if let Some(identifiers) = args.stitch_identifiers {
+        stitch_benchmark(identifiers);
+        return;
+    }
     let collector = args.collector.clone().unwrap_or_else(|| {
         let me = std::env::current_exe().expect("own path");
         me.with_file_name("kith-collector")
