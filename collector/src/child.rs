@@ -6,8 +6,8 @@ use std::io::{self, BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-/// Starts `binary` with its data in `data_dir` and the given credentials, and waits for
-/// its `listening on http://…` line. Its output is drained in the background so it never
+/// Starts `binary` with its data in `data_dir`, the given credentials and `extra` flags,
+/// and waits for its `listening on http://…` line. Its output is drained in the background so it never
 /// blocks on a full pipe. Answers the child and its base URL.
 ///
 /// # Errors
@@ -18,10 +18,12 @@ pub fn spawn(
     data_dir: &Path,
     write_key: &str,
     admin_token: &str,
+    extra: &[&str],
 ) -> io::Result<(Child, String)> {
     let mut child = Command::new(binary)
         .args(["--listen", "127.0.0.1:0", "--write-key", write_key])
         .args(["--admin-token", admin_token])
+        .args(extra)
         .arg("--data-dir")
         .arg(data_dir)
         .env("RUST_LOG", "warn")

@@ -1,7 +1,8 @@
 //! Kill -9 under load: the real `kith-collector` binary takes concurrent batches, is
 //! killed with SIGKILL at random moments and restarted on the same data; clients resend
 //! what was not acknowledged (as SDKs do). In the end every acknowledged `messageId` is
-//! stored exactly once. An import killed midway resumes at the next start and stores
+//! stored exactly once, and (identity resolution on) each user's profile counts exactly
+//! its stored events. An import killed midway resumes at the next start and stores
 //! every row exactly once, its report counting each row once.
 
 use std::collections::{HashMap, HashSet};
@@ -32,12 +33,15 @@ impl XorShift {
     }
 }
 
+/// The real binary, with identity resolution on, so that its pipeline stage is killed
+/// mid-chunk too.
 fn start(data_dir: &Path) -> (Child, String) {
     kith_collector::child::spawn(
         Path::new(env!("CARGO_BIN_EXE_kith-collector")),
         data_dir,
         WRITE_KEY,
         ADMIN_TOKEN,
+        &["--identity"],
     )
     .expect("collector starts")
 }
@@ -187,6 +191,25 @@ fn every_acknowledged_event_survives_sigkill_exactly_once() {
     assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
     let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(doubled.is_empty(), "stored more than once: {doubled:?}");
+    // Each client's user has one profile counting exactly its stored events.
+    for id in 0..CLIENTS {
+        let user = format!("user-{id}");
+        let stored_for_user = stored
+            .iter()
+            .filter(|e| e["message"]["userId"] == user.as_str())
+            .count();
+        let profile: Value = http
+            .get(format!(
+                "{}/v1/profiles?identifier=user_id:{user}",
+                url.read().expect("lock")
+            ))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .expect("profile")
+            .json()
+            .expect("json");
+        assert_eq!(profile["events"], stored_for_user, "{user}: {profile}");
+    }
     println!(
         "{} acknowledged, {} stored, each exactly once",
         acked.len(),

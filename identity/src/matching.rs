@@ -443,6 +443,48 @@ mod tests {
     }
 
     #[test]
+    fn hand_set_weights_are_kept_and_em_separates_matches() {
+        let field = |name: &str, m: Option<Vec<f64>>, u: Option<Vec<f64>>| Field {
+            name: name.to_owned(),
+            comparator: Comparator::Exact,
+            also: None,
+            m,
+            u,
+        };
+        let config = MatchConfig {
+            fields: vec![
+                field("a", Some(vec![0.05, 0.95]), Some(vec![0.9, 0.1])),
+                field("b", None, None),
+            ],
+            blocking: vec![vec![KeyPart { field: "a".to_owned(), prefix: None }]],
+            match_probability: 0.5,
+            review_probability: 0.1,
+        };
+        assert_eq!(config.check(), Ok(()));
+        // 30 pairs agreeing on both fields, 70 disagreeing on both.
+        let vectors: Vec<Vec<Option<usize>>> = (0..100)
+            .map(|i| if i < 30 { vec![Some(1), Some(1)] } else { vec![Some(0), Some(0)] })
+            .collect();
+        let parameters = estimate(&config, &vectors);
+        assert_eq!(parameters.m[0], vec![0.05, 0.95], "hand-set m stays");
+        assert_eq!(parameters.u[0], vec![0.9, 0.1], "hand-set u stays");
+        assert!(parameters.m[1][1] > 0.9, "{parameters:?}");
+        assert!(parameters.u[1][0] > 0.9, "{parameters:?}");
+        assert!((parameters.prior - 0.3).abs() < 0.05, "{parameters:?}");
+        assert!(weight(&parameters, &[Some(1), Some(1)]) > 5.0);
+        assert!(weight(&parameters, &[Some(0), Some(0)]) < -5.0);
+        assert_eq!(weight(&parameters, &[None, None]), 0.0, "missing values weigh nothing");
+
+        let mut bad = config.clone();
+        bad.fields[0].m = Some(vec![0.5]);
+        assert!(bad.check().is_err_and(|e| e.contains("one per level")));
+        bad = config.clone();
+        bad.review_probability = 0.9;
+        bad.match_probability = 0.5;
+        assert!(bad.check().is_err());
+    }
+
+    #[test]
     fn blocking_keeps_comparisons_to_shared_keys() {
         let record = |id: &str, last: &str, zip: &str| Record {
             id: id.to_owned(),

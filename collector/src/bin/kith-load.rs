@@ -211,8 +211,9 @@ fn import_benchmark(collector: &std::path::Path, mb: u64) {
     println!("baseline: csv crate reads {baseline:.0} rows/s");
 
     let data = dir.path().join("data");
-    let (mut child, url) = kith_collector::child::spawn(collector, &data, WRITE_KEY, ADMIN_TOKEN)
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", collector.display()));
+    let (mut child, url) =
+        kith_collector::child::spawn(collector, &data, WRITE_KEY, ADMIN_TOKEN, &[])
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", collector.display()));
     let http = reqwest::blocking::Client::builder()
         .timeout(None)
         .build()
@@ -493,7 +494,7 @@ fn main() {
 
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut child, url) =
-        kith_collector::child::spawn(&collector, dir.path(), WRITE_KEY, ADMIN_TOKEN)
+        kith_collector::child::spawn(&collector, dir.path(), WRITE_KEY, ADMIN_TOKEN, &[])
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", collector.display()));
     let http = reqwest::blocking::Client::builder()
         .pool_max_idle_per_host(args.clients)
