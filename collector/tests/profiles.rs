@@ -267,34 +267,10 @@ fn without_identity_resolution_the_profile_api_says_how_to_turn_it_on() {
 }
 
 #[test]
-fn probabilistic_matching_merges_likely_pairs_and_suggests_doubtful_ones() {
+fn probabilistic_matching_merges_the_same_people() {
     let (records, truth) = kith_identity::synthetic::population(150, 3);
-    // A wide review band, so that some pairs are only suggested.
-    let mut matching = kith_identity::synthetic::person_config();
-    matching.review_probability = 1e-9;
-    let h = Harness::start_with(|config| {
-        config.file = Some(kith_collector::config::FileConfig {
-            identity: Some(kith_identity::rules::Config {
-                matching: Some(matching),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-    });
-    let not_run = h.admin_get("/v1/suggested-merges");
-    assert_eq!(not_run.status(), 200);
-    let events: Vec<Value> = records
-        .iter()
-        .map(|r| json!({"type": "identify", "anonymousId": r.id, "traits": r.fields}))
-        .collect();
-    for chunk in events.chunks(100) {
-        send(&h, json!(chunk));
-    }
-    let report: Value = h
-        .admin_send(Method::POST, "/v1/matching/run", &json!({}))
-        .json()
-        .expect("json");
-    assert_eq!(report["profiles"], records.len(), "{report}");
+    let h = matching_collector(kith_identity::synthetic::person_config());
+    let report = load_population(&h, &records);
     assert!(report["merged"].as_u64() > Some(100), "{report}");
 
     // Pairwise precision and recall of the resulting profiles against the truth.
@@ -343,20 +319,92 @@ fn probabilistic_matching_merges_likely_pairs_and_suggests_doubtful_ones() {
             .is_some_and(|r| r.starts_with("probabilistic match")),
         "{log}"
     );
+}
 
-    // Suggestions can be listed, accepted or dismissed once.
+fn matching_collector(matching: kith_identity::matching::MatchConfig) -> Harness {
+    Harness::start_with(|config| {
+        config.file = Some(kith_collector::config::FileConfig {
+            identity: Some(kith_identity::rules::Config {
+                matching: Some(matching),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    })
+}
+
+/// Sends each record as an identify of its own anonymous id, then runs matching.
+fn load_population(h: &Harness, records: &[kith_identity::matching::Record]) -> Value {
+    let suggestions: Value = h.admin_get("/v1/suggested-merges").json().expect("json");
+    assert_eq!(suggestions["suggestions"], json!([]), "none before a run");
+    let events: Vec<Value> = records
+        .iter()
+        .map(|r| json!({"type": "identify", "anonymousId": r.id, "traits": r.fields}))
+        .collect();
+    for chunk in events.chunks(100) {
+        send(h, json!(chunk));
+    }
+    let report: Value = h
+        .admin_send(Method::POST, "/v1/matching/run", &json!({}))
+        .json()
+        .expect("json");
+    assert_eq!(report["profiles"], records.len(), "{report}");
+    report
+}
+
+#[test]
+fn doubtful_pairs_are_suggested_and_accepted_or_dismissed_once() {
+    let (records, _) = kith_identity::synthetic::population(150, 3);
+    // A strict match probability, so that many pairs are only suggested.
+    let mut matching = kith_identity::synthetic::person_config();
+    matching.match_probability = 0.999_999_9;
+    matching.review_probability = 1e-6;
+    let h = matching_collector(matching);
+    let report = load_population(&h, &records);
     let listed: Value = h.admin_get("/v1/suggested-merges").json().expect("json");
     let suggestions = listed["suggestions"].as_array().expect("list").clone();
+    assert!(suggestions.len() >= 2, "{report}");
     assert_eq!(
         suggestions.len() as u64,
         report["suggested"].as_u64().unwrap_or(0)
     );
-    if let Some(first) = suggestions.first() {
-        let pair = json!({"a": first["a"], "b": first["b"]});
-        let dismissed = h.admin_send(Method::POST, "/v1/suggested-merges/dismiss", &pair);
-        assert_eq!(dismissed.status(), 200);
-        let again = h.admin_send(Method::POST, "/v1/suggested-merges/accept", &pair);
-        assert_eq!(error_code(again), (404, "not_found".to_owned()));
+    assert!(
+        suggestions
+            .iter()
+            .all(|s| s["probability"].as_f64() < Some(0.999_999_9))
+    );
+    let pair = |s: &Value| json!({"a": s["a"], "b": s["b"]});
+    let dismissed = h.admin_send(
+        Method::POST,
+        "/v1/suggested-merges/dismiss",
+        &pair(&suggestions[0]),
+    );
+    assert_eq!(dismissed.status(), 200);
+    let again = h.admin_send(
+        Method::POST,
+        "/v1/suggested-merges/accept",
+        &pair(&suggestions[0]),
+    );
+    assert_eq!(error_code(again), (404, "not_found".to_owned()));
+    let accepted = h.admin_send(
+        Method::POST,
+        "/v1/suggested-merges/accept",
+        &pair(&suggestions[1]),
+    );
+    let status = accepted.status().as_u16();
+    let body: Value = accepted.json().expect("json");
+    match status {
+        200 => assert!(
+            body["merged"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("suggested merge accepted")),
+            "{body}"
+        ),
+        400 => assert_eq!(
+            body["error"]["code"], "merge_refused",
+            "a guardrail may refuse: {body}"
+        ),
+        other => panic!("accepting answered {other}: {body}"),
     }
     let bad = h.admin_send(
         Method::POST,

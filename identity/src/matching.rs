@@ -456,14 +456,23 @@ mod tests {
                 field("a", Some(vec![0.05, 0.95]), Some(vec![0.9, 0.1])),
                 field("b", None, None),
             ],
-            blocking: vec![vec![KeyPart { field: "a".to_owned(), prefix: None }]],
+            blocking: vec![vec![KeyPart {
+                field: "a".to_owned(),
+                prefix: None,
+            }]],
             match_probability: 0.5,
             review_probability: 0.1,
         };
         assert_eq!(config.check(), Ok(()));
         // 30 pairs agreeing on both fields, 70 disagreeing on both.
         let vectors: Vec<Vec<Option<usize>>> = (0..100)
-            .map(|i| if i < 30 { vec![Some(1), Some(1)] } else { vec![Some(0), Some(0)] })
+            .map(|i| {
+                if i < 30 {
+                    vec![Some(1), Some(1)]
+                } else {
+                    vec![Some(0), Some(0)]
+                }
+            })
             .collect();
         let parameters = estimate(&config, &vectors);
         assert_eq!(parameters.m[0], vec![0.05, 0.95], "hand-set m stays");
@@ -473,7 +482,11 @@ mod tests {
         assert!((parameters.prior - 0.3).abs() < 0.05, "{parameters:?}");
         assert!(weight(&parameters, &[Some(1), Some(1)]) > 5.0);
         assert!(weight(&parameters, &[Some(0), Some(0)]) < -5.0);
-        assert_eq!(weight(&parameters, &[None, None]), 0.0, "missing values weigh nothing");
+        assert_eq!(
+            weight(&parameters, &[None, None]),
+            0.0,
+            "missing values weigh nothing"
+        );
 
         let mut bad = config.clone();
         bad.fields[0].m = Some(vec![0.5]);

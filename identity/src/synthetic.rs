@@ -264,7 +264,6 @@ pub fn person_config() -> MatchConfig {
         blocking: vec![
             vec![part("dob", None)],
             vec![part("postcode", None)],
-            vec![part("first_name", Some(2)), part("last_name", Some(2))],
             vec![part("last_name", Some(3)), part("dob", Some(4))],
             vec![part("first_name", Some(3)), part("address", Some(3))],
         ],
