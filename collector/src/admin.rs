@@ -38,6 +38,7 @@ pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/v1/stats", get(stats))
         .merge(crate::processing::api::routes())
         .merge(crate::profiles::routes())
+        .merge(crate::segments::routes())
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 

@@ -327,6 +327,15 @@ impl Identity {
         self.read(|graph, view| graph.live(view, id))
     }
 
+    /// Every live profile.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn live_profiles(&self) -> Result<Vec<Profile>, StoreError> {
+        self.read(|_, view| view.live_profiles())
+    }
+
     /// The live profile holding an identifier.
     ///
     /// # Errors

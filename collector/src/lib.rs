@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod processing;
 pub mod profiles;
 pub mod ratelimit;
+pub mod segments;
 pub mod server;
 pub mod stats;
 pub mod store;

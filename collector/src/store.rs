@@ -19,6 +19,7 @@
 //! - `identity`: the identity graph (identifier owners, profiles, their events, merges,
 //!   suppressed identifiers), one tree so that a pipeline chunk's identity writes apply
 //!   atomically, in one batch.
+//! - `segments`: segment key → its definition.
 //! - `meta`: checkpoint, counters, credentials, each source's processing rules
 //!   (`rules:{source}`).
 
@@ -110,6 +111,7 @@ pub struct Store {
     failed: Tree,
     imports: Tree,
     identity: Tree,
+    segments: Tree,
 }
 
 /// Writes to the identity tree, applied together ([`Store::identity_apply`]).
@@ -171,6 +173,7 @@ impl Store {
             failed: db.open_tree("failed")?,
             imports: db.open_tree("imports")?,
             identity: db.open_tree("identity")?,
+            segments: db.open_tree("segments")?,
             db,
         })
     }
@@ -605,6 +608,36 @@ impl Store {
     pub fn put_meta_text(&self, key: &str, value: &str) -> Result<(), StoreError> {
         self.meta.insert(key, value.as_bytes())?;
         self.flush()
+    }
+
+    /// Stores a segment definition under its key (`None` removes it), durably.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn put_segment<T: Serialize>(
+        &self,
+        key: &str,
+        segment: Option<&T>,
+    ) -> Result<(), StoreError> {
+        match segment {
+            Some(segment) => self.segments.insert(key, serde_json::to_vec(segment)?)?,
+            None => self.segments.remove(key)?,
+        };
+        self.flush()
+    }
+
+    /// Every segment definition, by key.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure or an unreadable record.
+    pub fn segments<T: for<'de> Deserialize<'de>>(&self) -> Result<Vec<T>, StoreError> {
+        self.segments
+            .iter()
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
     }
 
     /// A value of the identity tree.
