@@ -8,6 +8,9 @@
 //!   the line and column; a reference to an unknown segment or a cycle is a 400.
 //! - `POST /v1/segments/preview` (`{"definition"}`): the member count and a sample.
 //! - `GET /v1/segments/{key}/members?limit=&after=`: members, by profile id, paged.
+//! - `GET /v1/segments/{key}/members.csv`: every member as CSV (profile id, user ids,
+//!   emails, phones, traits as JSON).
+//! - `GET /v1/profiles/{id}/segments`: the segments a profile is a member of.
 //!
 //! Real-time membership (a pipeline stage, window timers, enter/exit changes) is not
 //! built yet: members are computed when asked.
@@ -64,6 +67,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/segments/preview", post(preview))
         .route("/v1/segments/{key}", get(show).put(update).delete(remove))
         .route("/v1/segments/{key}/members", get(members))
+        .route("/v1/segments/{key}/members.csv", get(export))
+        .route("/v1/profiles/{id}/segments", get(profile_segments))
 }
 
 /// The body of a create, update or preview.
@@ -417,4 +422,84 @@ async fn members(
     Ok(Json(
         json!({"segment": key, "total": total, "members": page, "next_after": next_after}),
     ))
+}
+
+/// One CSV field, quoted when it holds a comma, a quote or a line break.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
+
+async fn export(
+    State(state): State<Arc<AppState>>,
+    Path(key): Path<String>,
+) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
+    require_identity(&state)?;
+    let state2 = state.clone();
+    let wanted = key.clone();
+    let csv = blocking(move || -> Result<Option<String>, StoreError> {
+        let Some(segment) = all(&state2.store)?.remove(&wanted) else {
+            return Ok(None);
+        };
+        let identity = state2.identity.as_ref().ok_or(StoreError::ShuttingDown)?;
+        let mut out = String::from("profile_id,user_ids,emails,phones,traits\n");
+        for id in members_of(&state2, &segment.tree)? {
+            let Some(profile) = identity.profile(&id)? else {
+                continue;
+            };
+            let of = |kind: &str| {
+                profile
+                    .identifiers
+                    .iter()
+                    .filter(|i| i.kind == kind)
+                    .map(|i| i.value.clone())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let traits = Value::Object(profile.trait_values()).to_string();
+            let row = [id.clone(), of("user_id"), of("email"), of("phone"), traits];
+            let fields: Vec<String> = row.iter().map(|f| csv_field(f)).collect();
+            out.push_str(&fields.join(","));
+            out.push('\n');
+        }
+        Ok(Some(out))
+    })
+    .await?
+    .ok_or_else(|| not_found(&key))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        csv,
+    ))
+}
+
+async fn profile_segments(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_identity(&state)?;
+    let state2 = state.clone();
+    let wanted = id.clone();
+    let found = blocking(
+        move || -> Result<Option<(String, Vec<String>)>, StoreError> {
+            let identity = state2.identity.as_ref().ok_or(StoreError::ShuttingDown)?;
+            let Some(profile) = identity.profile(&wanted)? else {
+                return Ok(None);
+            };
+            let segments = all(&state2.store)?;
+            let subject = subject(&state2, &profile)?;
+            let now = Timestamp::now();
+            let keys = segments
+                .values()
+                .filter(|s| member(&s.tree, &subject, &segments, now, 0))
+                .map(|s| s.key.clone())
+                .collect();
+            Ok(Some((profile.id, keys)))
+        },
+    )
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("no profile {id:?}")))?;
+    Ok(Json(json!({"profile": found.0, "segments": found.1})))
 }

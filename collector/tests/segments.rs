@@ -133,6 +133,39 @@ fn segments_select_profiles_by_traits_events_and_other_segments() {
 
     let listed: Value = h.admin_get("/v1/segments").json().expect("json");
     assert_eq!(listed["segments"].as_array().map(Vec::len), Some(3));
+
+    // A profile's segments, and a CSV export of members.
+    let of_bo: Value = h
+        .admin_get(&format!("/v1/profiles/{bo}/segments"))
+        .json()
+        .expect("json");
+    assert_eq!(of_bo["segments"], json!(["big_spenders", "vip"]));
+    let csv = h.admin_get("/v1/segments/big_spenders/members.csv");
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    let text = csv.text().expect("csv");
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("profile_id,user_ids,emails,phones,traits")
+    );
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 2);
+    let bo_row = rows
+        .iter()
+        .find(|r| r.starts_with(&format!("{bo},")))
+        .expect("bo's row");
+    assert!(
+        bo_row.starts_with(&format!("{bo},bo,bo@example.com,,\"{{")),
+        "{bo_row}"
+    );
+    assert!(
+        bo_row.contains("\"\"plan\"\":\"\"free\"\""),
+        "traits as quoted JSON: {bo_row}"
+    );
+    assert_eq!(
+        error_code(h.admin_get("/v1/profiles/prf_none/segments")),
+        (404, "not_found".to_owned())
+    );
 }
 
 #[test]
