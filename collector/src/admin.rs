@@ -42,6 +42,22 @@ pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 
+/// A page size: `given`, or `default`; a 400 outside 1 to `max`.
+///
+/// # Errors
+///
+/// 400 `invalid_limit`.
+pub fn limit(given: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    let limit = given.unwrap_or(default);
+    if limit == 0 || limit > max {
+        return Err(ApiError::invalid(
+            "invalid_limit",
+            format!("limit must be between 1 and {max}"),
+        ));
+    }
+    Ok(limit)
+}
+
 /// Runs storage work off the async runtime.
 ///
 /// # Errors
@@ -145,13 +161,7 @@ async fn events(
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
-    let limit = query.limit.unwrap_or(DEFAULT_EVENT_LIMIT);
-    if limit == 0 || limit > MAX_EVENT_LIMIT {
-        return Err(ApiError::invalid(
-            "invalid_limit",
-            format!("limit must be between 1 and {MAX_EVENT_LIMIT}"),
-        ));
-    }
+    let limit = limit(query.limit, DEFAULT_EVENT_LIMIT, MAX_EVENT_LIMIT)?;
     let before = query.before;
     if let Some(profile) = query.profile_id.clone() {
         if query.message_id.is_some() || query.user_id.is_some() || query.anonymous_id.is_some() {

@@ -27,7 +27,7 @@ use kith_identity::profile::Profile;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::admin::blocking;
+use crate::admin::{blocking, limit};
 use crate::error::ApiError;
 use crate::identity::{Identity, MatchError, MatchReport};
 use crate::server::AppState;
@@ -136,13 +136,7 @@ async fn events(
     page: Result<Query<Page>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(page) = page.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
-    let limit = page.limit.unwrap_or(DEFAULT_LIMIT);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::invalid(
-            "invalid_limit",
-            format!("limit must be between 1 and {MAX_LIMIT}"),
-        ));
-    }
+    let limit = limit(page.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let found = profile_events(&state, &id, page.before, limit)
         .await?
         .ok_or_else(|| not_found(&id))?;

@@ -31,7 +31,7 @@ use kith_segments::eval::{self, EventRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::admin::blocking;
+use crate::admin::{blocking, limit};
 use crate::error::{ApiError, StoreError};
 use crate::server::AppState;
 use crate::store::Store;
@@ -393,13 +393,7 @@ async fn members(
 ) -> Result<Json<Value>, ApiError> {
     require_identity(&state)?;
     let Query(page) = page.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
-    let limit = page.limit.unwrap_or(DEFAULT_LIMIT);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::invalid(
-            "invalid_limit",
-            format!("limit must be between 1 and {MAX_LIMIT}"),
-        ));
-    }
+    let limit = limit(page.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let state2 = state.clone();
     let wanted = key.clone();
     let found = blocking(move || -> Result<Option<Vec<String>>, StoreError> {

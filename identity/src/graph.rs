@@ -37,6 +37,14 @@ pub struct Resolution {
     pub suppressed: Option<Identifier>,
 }
 
+/// Why two profiles merge, as the merge log records it.
+struct Cause {
+    event_seq: u64,
+    message_id: String,
+    identifiers: Vec<Identifier>,
+    reason: String,
+}
+
 /// What a split restored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Split {
@@ -267,8 +275,7 @@ impl Graph {
         }
     }
 
-    /// Merges two live profiles: the older survives and takes the other's identifiers,
-    /// traits, counts and events. Answers the survivor and the merge record.
+    /// Merges two live profiles because an event's identifier links them.
     fn merge<S: Store>(
         &self,
         store: &mut S,
@@ -276,6 +283,24 @@ impl Graph {
         b: Profile,
         event: &EventSummary,
         id: &Identifier,
+    ) -> Result<(Profile, Merge), S::Error> {
+        let cause = Cause {
+            event_seq: event.seq,
+            message_id: event.message_id.clone(),
+            identifiers: event.identifiers.clone(),
+            reason: format!("event {} carries {id}, which links both", event.message_id),
+        };
+        self.join(store, a, b, cause)
+    }
+
+    /// Merges two live profiles: the older survives and takes the other's identifiers,
+    /// traits, counts and events. Answers the survivor and the merge record.
+    fn join<S: Store>(
+        &self,
+        store: &mut S,
+        a: Profile,
+        b: Profile,
+        cause: Cause,
     ) -> Result<(Profile, Merge), S::Error> {
         let (mut survivor, mut merged) = if a.created <= b.created {
             (a, b)
@@ -286,10 +311,10 @@ impl Graph {
             id: store.next_number()?,
             survivor: survivor.id.clone(),
             merged: merged.id.clone(),
-            event_seq: event.seq,
-            message_id: event.message_id.clone(),
-            identifiers: event.identifiers.clone(),
-            reason: format!("event {} carries {id}, which links both", event.message_id),
+            event_seq: cause.event_seq,
+            message_id: cause.message_id,
+            identifiers: cause.identifiers,
+            reason: cause.reason,
             merged_identifiers: merged.identifiers.clone(),
             undone: false,
         };
@@ -347,24 +372,13 @@ impl Graph {
         if let Some(breach) = self.rules.breach(&union(&a.identifiers, &b.identifiers)) {
             return Ok(Err(breach));
         }
-        let (mut survivor, mut merged) = if a.created <= b.created {
-            (a, b)
-        } else {
-            (b, a)
-        };
-        let merge = Merge {
-            id: store.next_number()?,
-            survivor: survivor.id.clone(),
-            merged: merged.id.clone(),
+        let cause = Cause {
             event_seq: 0,
             message_id: String::new(),
             identifiers: Vec::new(),
             reason: reason.to_owned(),
-            merged_identifiers: merged.identifiers.clone(),
-            undone: false,
         };
-        self.absorb(store, &mut survivor, &mut merged)?;
-        store.put_merge(&merge)?;
+        let (_, merge) = self.join(store, a, b, cause)?;
         Ok(Ok(merge))
     }
 

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{DEFAULT_RULES, SourceRules};
-use crate::admin::blocking;
+use crate::admin::{blocking, limit};
 use crate::error::ApiError;
 use crate::server::AppState;
 use crate::writer::Append;
@@ -138,13 +138,7 @@ async fn failed(
     query: Result<Query<FailedQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
-    let limit = query.limit.unwrap_or(DEFAULT_FAILED_LIMIT);
-    if limit == 0 || limit > MAX_REPLAY {
-        return Err(ApiError::invalid(
-            "invalid_limit",
-            format!("limit must be between 1 and {MAX_REPLAY}"),
-        ));
-    }
+    let limit = limit(query.limit, DEFAULT_FAILED_LIMIT, MAX_REPLAY)?;
     let store = state.store.clone();
     let found =
         blocking(move || store.failed_events(query.source.as_deref(), query.before, limit)).await?;
