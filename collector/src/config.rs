@@ -78,8 +78,9 @@ pub struct Config {
     #[arg(long, env = "KITH_MAX_IMPORT_BYTES", default_value_t = DEFAULT_MAX_IMPORT_BYTES)]
     pub max_import_bytes: u64,
 
-    /// A JSON config file: sources with their write keys and processing rules, and the
-    /// default rules (see the README). Its rules are applied at each start.
+    /// A JSON config file: sources with their write keys and processing rules, default
+    /// rules, watched import directories, PostgreSQL sources and identity settings (see
+    /// the README). Its rules are applied at each start.
     #[arg(long = "config", env = "KITH_CONFIG", value_parser = FileConfig::load)]
     pub file: Option<FileConfig>,
 }
