@@ -24,9 +24,13 @@
 //! with typos, swapped names, missing values) and reports precision, recall, F1 and the
 //! run time, with the cost per compared pair against one bare Jaro-Winkler comparison.
 //!
+//! With `--segment-profiles N` it evaluates the segment of the segments issue's example
+//! over N generated profiles in memory (traits, identifier types, a few events each),
+//! against the same condition written by hand in Rust (the baseline).
+//!
 //! Run: `cargo run --release -p kith-collector --bin kith-load -- --events 500000`,
-//! `... -- --import-mb 200`, `... -- --stitch-identifiers 1000000`, or
-//! `... -- --match-people 20000`.
+//! `... -- --import-mb 200`, `... -- --stitch-identifiers 1000000`,
+//! `... -- --match-people 20000`, or `... -- --segment-profiles 1000000`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -62,6 +66,9 @@ struct Args {
     /// Measure probabilistic matching on a generated population of this many people.
     #[arg(long)]
     match_people: Option<usize>,
+    /// Measure a full evaluation of a segment over this many generated profiles.
+    #[arg(long)]
+    segment_profiles: Option<usize>,
 }
 
 /// One realistic analytics.js-style track event, about 600 bytes of JSON.
@@ -450,8 +457,104 @@ fn match_benchmark(people: usize) {
     );
 }
 
+fn segment_benchmark(profiles: usize) {
+    use std::collections::BTreeSet;
+
+    use kith_segments::eval::{EventRecord, Profile, evaluate};
+
+    let now: jiff::Timestamp = "2026-11-29T12:00:00Z".parse().expect("timestamp");
+    let day = jiff::SignedDuration::from_hours(24);
+    let plans = ["free", "pro", "team"];
+    let data: Vec<(
+        serde_json::Map<String, Value>,
+        BTreeSet<String>,
+        Vec<EventRecord>,
+    )> = (0..profiles)
+        .map(|i| {
+            let traits = json!({"plan": plans[i % 3], "age": 18 + i % 60});
+            let events = (0..(i % 4))
+                .map(|k| EventRecord {
+                    name: "Order Completed".to_owned(),
+                    timestamp: now - day * ((i * 7 + k * 13) % 60) as i32,
+                    properties: json!({"total": 10 + (i + k) % 90})
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                })
+                .collect();
+            let identifiers: BTreeSet<String> = if i % 2 == 0 {
+                ["email".to_owned()].into()
+            } else {
+                BTreeSet::new()
+            };
+            (
+                traits.as_object().cloned().unwrap_or_default(),
+                identifiers,
+                events,
+            )
+        })
+        .collect();
+    let segments: BTreeSet<String> = BTreeSet::new();
+    let definition =
+        r#"traits.plan = "pro" and count(event "Order Completed" within 30d) >= 2 and has email"#;
+    let expr = kith_segments::parse(definition).expect("parses");
+    println!("kith-load: segment evaluation over {profiles} profiles: {definition}");
+
+    let started = Instant::now();
+    let by_hand = data
+        .iter()
+        .filter(|(traits, ids, events)| {
+            traits.get("plan").and_then(Value::as_str) == Some("pro")
+                && ids.contains("email")
+                && events
+                    .iter()
+                    .filter(|e| {
+                        e.name == "Order Completed"
+                            && e.timestamp >= now - day * 30
+                            && e.timestamp <= now
+                    })
+                    .count()
+                    >= 2
+        })
+        .count();
+    let baseline = started.elapsed();
+
+    let started = Instant::now();
+    let members = data
+        .iter()
+        .filter(|(traits, identifiers, events)| {
+            let profile = Profile {
+                traits,
+                identifiers,
+                events,
+                segments: &segments,
+            };
+            evaluate(&expr, &profile, now)
+        })
+        .count();
+    let elapsed = started.elapsed();
+    assert_eq!(
+        members, by_hand,
+        "the evaluator agrees with the hand-written condition"
+    );
+    println!(
+        "baseline: the condition written by hand in Rust: {:.3} s",
+        baseline.as_secs_f64()
+    );
+    println!(
+        "segment evaluator: {:.3} s ({:.0} profiles/s), {members} members; ratio to the baseline {:.2}",
+        elapsed.as_secs_f64(),
+        profiles as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() / baseline.as_secs_f64()
+    );
+}
+
 fn main() {
     let args = Args::parse();
+    if let Some(profiles) = args.segment_profiles {
+        segment_benchmark(profiles);
+        return;
+    }
     if let Some(people) = args.match_people {
         match_benchmark(people);
         return;
