@@ -465,11 +465,13 @@ fn segment_benchmark(profiles: usize) {
     let now: jiff::Timestamp = "2026-11-29T12:00:00Z".parse().expect("timestamp");
     let day = jiff::SignedDuration::from_hours(24);
     let plans = ["free", "pro", "team"];
-    let data: Vec<(
+    /// A generated profile: traits, identifier types, events.
+    type Generated = (
         serde_json::Map<String, Value>,
         BTreeSet<String>,
         Vec<EventRecord>,
-    )> = (0..profiles)
+    );
+    let data: Vec<Generated> = (0..profiles)
         .map(|i| {
             let traits = json!({"plan": plans[i % 3], "age": 18 + i % 60});
             let events = (0..(i % 4))
