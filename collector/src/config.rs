@@ -70,8 +70,10 @@ pub struct Config {
     pub cache_bytes: u64,
 
     /// Run identity resolution (unified profiles) with the default rules; a config
-    /// file's `identity` section turns it on too, with its rules.
-    #[arg(long, env = "KITH_IDENTITY")]
+    /// file's `identity` section turns it on too, with its rules. The variable takes
+    /// 1/0, true/false, yes/no, on/off.
+    #[arg(long, env = "KITH_IDENTITY", value_parser = clap::builder::BoolishValueParser::new(),
+          num_args = 0, default_missing_value = "true", default_value = "false")]
     pub identity: bool,
 
     /// The largest file `POST /v1/imports` takes, in bytes.
@@ -216,6 +218,15 @@ mod tests {
         assert!(config.trusted_proxies[1].contains(&"127.0.0.1".parse::<IpAddr>().expect("ip")));
         assert_eq!(config.dedup_window, Duration::from_secs(12 * 3600));
         assert!(Config::try_parse_from(["kith-collector", "--trusted-proxy", "nope"]).is_err());
+    }
+
+    #[test]
+    fn identity_is_a_flag() {
+        let on = Config::try_parse_from(["kith-collector", "--identity"]).expect("parses");
+        assert!(on.identity);
+        let off = Config::try_parse_from(["kith-collector"]).expect("parses");
+        assert!(!off.identity);
+        assert!(Config::try_parse_from(["kith-collector", "--identity", "maybe"]).is_err());
     }
 
     #[test]
