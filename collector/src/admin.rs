@@ -58,6 +58,13 @@ pub fn limit(given: Option<usize>, default: usize, max: usize) -> Result<usize, 
     Ok(limit)
 }
 
+/// The `before` of the next page: the last item's `seq` when the page is full.
+pub fn next_before<T>(page: &[T], limit: usize, seq: impl Fn(&T) -> u64) -> Option<u64> {
+    (page.len() == limit)
+        .then(|| page.last().map(seq))
+        .flatten()
+}
+
 /// Runs storage work off the async runtime.
 ///
 /// # Errors
@@ -173,18 +180,14 @@ async fn events(
         let found = crate::profiles::profile_events(&state, &profile, before, limit)
             .await?
             .unwrap_or_default();
-        let next_before = (found.len() == limit)
-            .then(|| found.last().map(|e| e.seq))
-            .flatten();
-        return Ok(Json(json!({"events": found, "next_before": next_before})));
+        let next = next_before(&found, limit, |e| e.seq);
+        return Ok(Json(json!({"events": found, "next_before": next})));
     }
     let filter = query.filter()?;
     let store = state.store.clone();
     let found = blocking(move || store.query(&filter, before, limit)).await?;
-    let next_before = (found.len() == limit)
-        .then(|| found.last().map(|e| e.seq))
-        .flatten();
-    Ok(Json(json!({"events": found, "next_before": next_before})))
+    let next = next_before(&found, limit, |e| e.seq);
+    Ok(Json(json!({"events": found, "next_before": next})))
 }
 
 async fn live(

@@ -27,7 +27,7 @@ use kith_identity::profile::Profile;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::admin::{blocking, limit};
+use crate::admin::{blocking, limit, next_before};
 use crate::error::ApiError;
 use crate::identity::{Identity, MatchError, MatchReport};
 use crate::server::AppState;
@@ -74,7 +74,7 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// The identity graph, or a 404 saying how to turn identity resolution on.
-fn identity(state: &AppState) -> Result<Arc<Identity>, ApiError> {
+pub fn identity(state: &AppState) -> Result<Arc<Identity>, ApiError> {
     state.identity.clone().ok_or_else(|| {
         ApiError::NotFound(
             "identity resolution is off: start the collector with --identity, or give the \
@@ -140,9 +140,7 @@ async fn events(
     let found = profile_events(&state, &id, page.before, limit)
         .await?
         .ok_or_else(|| not_found(&id))?;
-    let next_before = (found.len() == limit)
-        .then(|| found.last().map(|e| e.seq))
-        .flatten();
+    let next_before = next_before(&found, limit, |e| e.seq);
     Ok(Json(json!({"events": found, "next_before": next_before})))
 }
 

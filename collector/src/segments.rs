@@ -33,6 +33,8 @@ use serde_json::{Map, Value, json};
 
 use crate::admin::{blocking, limit};
 use crate::error::{ApiError, StoreError};
+use crate::identity::Identity;
+use crate::profiles::identity;
 use crate::server::AppState;
 use crate::store::Store;
 
@@ -150,11 +152,9 @@ struct Subject {
     events: Vec<EventRecord>,
 }
 
-fn subject(state: &AppState, profile: &Profile) -> Result<Subject, StoreError> {
-    let identity = state.identity.as_ref().ok_or(StoreError::ShuttingDown)?;
+fn subject(store: &Store, identity: &Identity, profile: &Profile) -> Result<Subject, StoreError> {
     let seqs = identity.event_seqs(&profile.id)?;
-    let events = state
-        .store
+    let events = store
         .events_by_seq(&seqs)?
         .into_iter()
         .filter_map(|stored| {
@@ -210,29 +210,24 @@ fn member(
     eval::evaluate(tree, &profile, now)
 }
 
-/// The ids of the live profiles meeting `tree`, in id order.
-fn members_of(state: &AppState, tree: &Expr) -> Result<Vec<String>, StoreError> {
-    let identity = state.identity.as_ref().ok_or(StoreError::ShuttingDown)?;
-    let segments = all(&state.store)?;
+/// The live profiles meeting `tree`, in id order.
+fn members_of(store: &Store, identity: &Identity, tree: &Expr) -> Result<Vec<Profile>, StoreError> {
+    let segments = all(store)?;
     let now = Timestamp::now();
     let mut found = Vec::new();
     for profile in identity.live_profiles()? {
-        if member(tree, &subject(state, &profile)?, &segments, now, 0) {
-            found.push(profile.id);
+        if member(
+            tree,
+            &subject(store, identity, &profile)?,
+            &segments,
+            now,
+            0,
+        ) {
+            found.push(profile);
         }
     }
-    found.sort();
+    found.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(found)
-}
-
-fn require_identity(state: &AppState) -> Result<(), ApiError> {
-    if state.identity.is_some() {
-        Ok(())
-    } else {
-        Err(ApiError::NotFound(
-            "segments need identity resolution: start the collector with --identity, or give the config file an \"identity\" section".to_owned(),
-        ))
-    }
 }
 
 fn not_found(key: &str) -> ApiError {
@@ -263,7 +258,7 @@ async fn save(
     definition: String,
     create: bool,
 ) -> Result<Segment, ApiError> {
-    require_identity(state)?;
+    identity(state)?;
     if key.is_empty()
         || !key
             .chars()
@@ -364,7 +359,7 @@ async fn remove(
 }
 
 async fn preview(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    require_identity(&state)?;
+    let identity = identity(&state)?;
     let body = parse_body(&body)?;
     let tree = parse_definition(&body.definition)?;
     let segments = {
@@ -372,9 +367,9 @@ async fn preview(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json
         blocking(move || all(&store)).await?
     };
     check_references("(preview)", &tree, &segments)?;
-    let state2 = state.clone();
-    let found = blocking(move || members_of(&state2, &tree)).await?;
-    let sample: Vec<&String> = found.iter().take(SAMPLE).collect();
+    let store = state.store.clone();
+    let found = blocking(move || members_of(&store, &identity, &tree)).await?;
+    let sample: Vec<&String> = found.iter().take(SAMPLE).map(|p| &p.id).collect();
     Ok(Json(json!({"count": found.len(), "sample": sample})))
 }
 
@@ -391,16 +386,17 @@ async fn members(
     Path(key): Path<String>,
     page: Result<Query<Page>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    require_identity(&state)?;
+    let identity = identity(&state)?;
     let Query(page) = page.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
     let limit = limit(page.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-    let state2 = state.clone();
+    let store = state.store.clone();
     let wanted = key.clone();
     let found = blocking(move || -> Result<Option<Vec<String>>, StoreError> {
-        let Some(segment) = all(&state2.store)?.remove(&wanted) else {
+        let Some(segment) = all(&store)?.remove(&wanted) else {
             return Ok(None);
         };
-        members_of(&state2, &segment.tree).map(Some)
+        let members = members_of(&store, &identity, &segment.tree)?;
+        Ok(Some(members.into_iter().map(|p| p.id).collect()))
     })
     .await?
     .ok_or_else(|| not_found(&key))?;
@@ -431,19 +427,15 @@ async fn export(
     State(state): State<Arc<AppState>>,
     Path(key): Path<String>,
 ) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
-    require_identity(&state)?;
-    let state2 = state.clone();
+    let identity = identity(&state)?;
+    let store = state.store.clone();
     let wanted = key.clone();
     let csv = blocking(move || -> Result<Option<String>, StoreError> {
-        let Some(segment) = all(&state2.store)?.remove(&wanted) else {
+        let Some(segment) = all(&store)?.remove(&wanted) else {
             return Ok(None);
         };
-        let identity = state2.identity.as_ref().ok_or(StoreError::ShuttingDown)?;
         let mut out = String::from("profile_id,user_ids,emails,phones,traits\n");
-        for id in members_of(&state2, &segment.tree)? {
-            let Some(profile) = identity.profile(&id)? else {
-                continue;
-            };
+        for profile in members_of(&store, &identity, &segment.tree)? {
             let of = |kind: &str| {
                 profile
                     .identifiers
@@ -454,7 +446,13 @@ async fn export(
                     .join(" ")
             };
             let traits = Value::Object(profile.trait_values()).to_string();
-            let row = [id.clone(), of("user_id"), of("email"), of("phone"), traits];
+            let row = [
+                profile.id.clone(),
+                of("user_id"),
+                of("email"),
+                of("phone"),
+                traits,
+            ];
             let fields: Vec<String> = row.iter().map(|f| csv_field(f)).collect();
             out.push_str(&fields.join(","));
             out.push('\n');
@@ -473,17 +471,16 @@ async fn profile_segments(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    require_identity(&state)?;
-    let state2 = state.clone();
+    let identity = identity(&state)?;
+    let store = state.store.clone();
     let wanted = id.clone();
     let found = blocking(
         move || -> Result<Option<(String, Vec<String>)>, StoreError> {
-            let identity = state2.identity.as_ref().ok_or(StoreError::ShuttingDown)?;
             let Some(profile) = identity.profile(&wanted)? else {
                 return Ok(None);
             };
-            let segments = all(&state2.store)?;
-            let subject = subject(&state2, &profile)?;
+            let segments = all(&store)?;
+            let subject = subject(&store, &identity, &profile)?;
             let now = Timestamp::now();
             let keys = segments
                 .values()

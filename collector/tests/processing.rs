@@ -23,11 +23,6 @@ fn failed(h: &Harness) -> Vec<Value> {
     body["failed"].as_array().expect("failed array").clone()
 }
 
-fn send(h: &Harness, events: Value) {
-    let response = h.post_json("/v1/batch", &json!({"batch": events}));
-    assert_eq!(response.status(), 200);
-}
-
 #[test]
 fn rules_clean_transform_and_check_stored_events() {
     let h = Harness::start();
@@ -50,9 +45,7 @@ fn rules_clean_transform_and_check_stored_events() {
     let got: Value = h.admin_get(&rules_path()).json().expect("json");
     assert_eq!(got["rules"]["transformations"], rules["transformations"]);
 
-    send(
-        &h,
-        json!([
+    h.send_batch(json!([
             {"type": "identify", "userId": " u1 ", "traits": {"email": "Ann@Example.COM", "phone": "(415) 555-2671",
                                                           "nickname": "N/A", "since": "2024-01-01T12:00:00+01:00"}},
             {"type": "track", "userId": "u1", "event": "Order Completed", "properties": {"price": 12.5},
@@ -103,15 +96,12 @@ fn failed_events_are_listed_and_replayed_once_the_rules_are_fixed() {
         "events": {"Signed Up": {"properties": {"plan": {"enum": ["free", "pro"]}}}},
         "allow_unplanned": false, "on_violation": "block"}});
     assert_eq!(put_rules(&h, &strict).status(), 200);
-    send(
-        &h,
-        json!([
-            {"type": "track", "userId": "u2", "event": "Signed Up", "properties": {"plan": "pro"}},
-            {"type": "track", "userId": "u2", "event": "Signed Up", "properties": {"plan": "team"}},
-            {"type": "track", "userId": "u2", "event": "Unplanned"},
-            {"type": "identify", "userId": "u2", "traits": {"email": "not-an-email"}}
-        ]),
-    );
+    h.send_batch(json!([
+        {"type": "track", "userId": "u2", "event": "Signed Up", "properties": {"plan": "pro"}},
+        {"type": "track", "userId": "u2", "event": "Signed Up", "properties": {"plan": "team"}},
+        {"type": "track", "userId": "u2", "event": "Unplanned"},
+        {"type": "identify", "userId": "u2", "traits": {"email": "not-an-email"}}
+    ]));
     let failed_events = failed(&h);
     assert_eq!(failed_events.len(), 3, "{failed_events:?}");
     let stats = h.stats();
@@ -277,10 +267,7 @@ fn rules_come_from_the_config_file_and_survive_a_restart() {
         .send()
         .expect("sent");
     assert_eq!(from_file.status(), 200, "the file's write key is accepted");
-    send(
-        &h,
-        json!([{"type": "track", "userId": " u3 ", "event": "E"}]),
-    );
+    h.send_batch(json!([{"type": "track", "userId": " u3 ", "event": "E"}]));
     let stored = h.events("");
     assert_eq!(stored.len(), 2);
     assert_eq!(stored[1]["message"]["properties"]["from_file"], true);

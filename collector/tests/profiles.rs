@@ -9,16 +9,6 @@ use common::{Harness, error_code};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-fn with_identity() -> Harness {
-    Harness::start_with(|config| config.identity = true)
-}
-
-fn send(h: &Harness, events: Value) {
-    let response = h.post_json("/v1/batch", &json!({"batch": events}));
-    assert_eq!(response.status(), 200);
-    h.wait_processed();
-}
-
 fn profile(h: &Harness, identifier: &str) -> Value {
     let response = h.admin_get(&format!("/v1/profiles?identifier={identifier}"));
     assert_eq!(response.status(), 200, "{identifier}");
@@ -38,10 +28,8 @@ fn identifiers(profile: &Value) -> Vec<String> {
 
 #[test]
 fn events_build_profiles_that_merge_split_and_erase() {
-    let h = with_identity();
-    send(
-        &h,
-        json!([
+    let h = Harness::with_identity();
+    h.send_batch(json!([
             {"type": "page", "anonymousId": "a1", "name": "Home", "timestamp": "2024-01-01T10:00:00Z"},
             {"type": "identify", "anonymousId": "a1", "userId": "u1", "timestamp": "2024-01-01T10:01:00Z",
              "traits": {"email": "ann@example.com", "plan": "free"}},
@@ -73,9 +61,7 @@ fn events_build_profiles_that_merge_split_and_erase() {
     );
 
     // Ann logs in on the second device: the profiles merge, the older id survives.
-    send(
-        &h,
-        json!([{"type": "identify", "anonymousId": "a2", "userId": "u1", "timestamp": "2024-01-04T10:00:00Z"}]),
+    h.send_batch(json!([{"type": "identify", "anonymousId": "a2", "userId": "u1", "timestamp": "2024-01-04T10:00:00Z"}]),
     );
     let merged = profile(&h, "anonymous_id:a2");
     assert_eq!(merged["id"], ann_id.as_str());
@@ -144,10 +130,7 @@ fn events_build_profiles_that_merge_split_and_erase() {
     assert!(h.events("user_id=u1").is_empty(), "her events are erased");
     let gone = h.admin_get(&format!("/v1/profiles/{ann_id}"));
     assert_eq!(error_code(gone), (404, "not_found".to_owned()));
-    send(
-        &h,
-        json!([{"type": "track", "userId": "u1", "event": "Came Back"}]),
-    );
+    h.send_batch(json!([{"type": "track", "userId": "u1", "event": "Came Back"}]));
     let stats = h.stats();
     assert_eq!(stats["dropped"]["suppressed"], 1, "{stats}");
     assert!(h.events("user_id=u1").is_empty());
@@ -155,15 +138,9 @@ fn events_build_profiles_that_merge_split_and_erase() {
 
 #[test]
 fn refused_identifiers_are_recorded_on_the_event() {
-    let h = with_identity();
-    send(
-        &h,
-        json!([{"type": "identify", "userId": "ann", "anonymousId": "kiosk"}]),
-    );
-    send(
-        &h,
-        json!([{"type": "identify", "userId": "bo", "anonymousId": "kiosk"}]),
-    );
+    let h = Harness::with_identity();
+    h.send_batch(json!([{"type": "identify", "userId": "ann", "anonymousId": "kiosk"}]));
+    h.send_batch(json!([{"type": "identify", "userId": "bo", "anonymousId": "kiosk"}]));
     let bo = profile(&h, "user_id:bo");
     assert_eq!(identifiers(&bo), ["user_id:bo"]);
     let stored = h.events("user_id=bo");
@@ -179,7 +156,7 @@ fn refused_identifiers_are_recorded_on_the_event() {
 
 #[test]
 fn bad_profile_requests_get_clear_errors() {
-    let h = with_identity();
+    let h = Harness::with_identity();
     let cases = [
         ("/v1/profiles?identifier=nocolon", 400, "invalid_identifier"),
         ("/v1/profiles", 400, "invalid_query"),
@@ -225,9 +202,7 @@ fn identity_settings_come_from_the_config_file_and_profiles_survive_a_restart() 
         }
     };
     let h = start();
-    send(
-        &h,
-        json!([
+    h.send_batch(json!([
             {"type": "identify", "userId": "ann", "anonymousId": "shared-tablet", "traits": {"loyalty": "L1"}},
             {"type": "identify", "userId": "bo", "anonymousId": "shared-tablet"},
             {"type": "identify", "anonymousId": "phone-9", "traits": {"loyalty": "L1"}}
@@ -248,7 +223,7 @@ fn identity_settings_come_from_the_config_file_and_profiles_survive_a_restart() 
 #[test]
 fn without_identity_resolution_the_profile_api_says_how_to_turn_it_on() {
     let h = Harness::start();
-    send(&h, json!([{"type": "identify", "userId": "ann"}]));
+    h.send_batch(json!([{"type": "identify", "userId": "ann"}]));
     let response = h.admin_get("/v1/profiles?identifier=user_id:ann");
     assert_eq!(response.status(), 404);
     let body: Value = response.json().expect("json");
@@ -342,7 +317,7 @@ fn load_population(h: &Harness, records: &[kith_identity::matching::Record]) -> 
         .map(|r| json!({"type": "identify", "anonymousId": r.id, "traits": r.fields}))
         .collect();
     for chunk in events.chunks(100) {
-        send(h, json!(chunk));
+        h.send_batch(json!(chunk));
     }
     let report: Value = h
         .admin_send(Method::POST, "/v1/matching/run", &json!({}))
@@ -416,7 +391,7 @@ fn doubtful_pairs_are_suggested_and_accepted_or_dismissed_once() {
 
 #[test]
 fn matching_without_settings_says_so() {
-    let h = with_identity();
+    let h = Harness::with_identity();
     let response = h.admin_send(Method::POST, "/v1/matching/run", &json!({}));
     assert_eq!(
         error_code(response),

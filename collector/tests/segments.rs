@@ -8,18 +8,6 @@ use common::{Harness, error_code};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-fn with_identity() -> Harness {
-    Harness::start_with(|config| config.identity = true)
-}
-
-fn send(h: &Harness, events: Value) {
-    assert_eq!(
-        h.post_json("/v1/batch", &json!({"batch": events})).status(),
-        200
-    );
-    h.wait_processed();
-}
-
 fn profile_id(h: &Harness, user: &str) -> String {
     let profile: Value = h
         .admin_get(&format!("/v1/profiles?identifier=user_id:{user}"))
@@ -48,10 +36,8 @@ fn sorted(mut ids: Vec<String>) -> Vec<String> {
 
 #[test]
 fn segments_select_profiles_by_traits_events_and_other_segments() {
-    let h = with_identity();
-    send(
-        &h,
-        json!([
+    let h = Harness::with_identity();
+    h.send_batch(json!([
             {"type": "identify", "userId": "ann", "traits": {"plan": "pro", "email": "ann@example.com"}},
             {"type": "track", "userId": "ann", "event": "Order Completed", "properties": {"total": 30}},
             {"type": "track", "userId": "ann", "event": "Order Completed", "properties": {"total": 90}},
@@ -170,7 +156,7 @@ fn segments_select_profiles_by_traits_events_and_other_segments() {
 
 #[test]
 fn bad_segments_get_clear_errors() {
-    let h = with_identity();
+    let h = Harness::with_identity();
     let create = |body: Value| h.admin_send(Method::POST, "/v1/segments", &body);
     let response = create(json!({"key": "s", "definition": "traits.plan = \n  = \"pro\""}));
     let body: Value = response.json().expect("json");

@@ -193,12 +193,20 @@ fn write_csv(path: &std::path::Path, mb: u64) -> u64 {
     rows
 }
 
-fn stats(http: &reqwest::blocking::Client, url: &str) -> Value {
-    http.get(format!("{url}/v1/stats"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .and_then(|r| r.json())
-        .expect("stats")
+/// Waits until the collector's pipeline has processed everything accepted; its stats.
+fn caught_up(http: &reqwest::blocking::Client, url: &str) -> Value {
+    loop {
+        let stats: Value = http
+            .get(format!("{url}/v1/stats"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .and_then(|r| r.json())
+            .expect("stats");
+        if stats["pending"] == 0 {
+            return stats;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn import_benchmark(collector: &std::path::Path, mb: u64) {
@@ -259,13 +267,7 @@ fn import_benchmark(collector: &std::path::Path, mb: u64) {
     };
     let imported = started.elapsed();
     let rss_import = peak_rss_mib(child.id());
-    let final_stats = loop {
-        let stats = stats(&http, &url);
-        if stats["pending"] == 0 {
-            break stats;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let final_stats = caught_up(&http, &url);
     let processed = started.elapsed();
     let rss_all = peak_rss_mib(child.id());
     let _ = child.kill();
@@ -620,18 +622,7 @@ fn main() {
     });
     let rss_under_load = peak_rss_mib(child.id());
     let drain_started = Instant::now();
-    let stats = loop {
-        let stats: Value = http
-            .get(format!("{url}/v1/stats"))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .and_then(|r| r.json())
-            .expect("stats");
-        if stats["pending"] == 0 {
-            break stats;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let stats = caught_up(&http, &url);
     let drain = drain_started.elapsed();
     let rss_after_drain = peak_rss_mib(child.id());
     let _ = child.kill();

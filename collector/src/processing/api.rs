@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{DEFAULT_RULES, SourceRules};
-use crate::admin::{blocking, limit};
+use crate::admin::{blocking, limit, next_before};
 use crate::error::ApiError;
 use crate::server::AppState;
 use crate::writer::Append;
@@ -142,9 +142,7 @@ async fn failed(
     let store = state.store.clone();
     let found =
         blocking(move || store.failed_events(query.source.as_deref(), query.before, limit)).await?;
-    let next_before = (found.len() == limit)
-        .then(|| found.last().map(|e| e.seq))
-        .flatten();
+    let next_before = next_before(&found, limit, |e| e.seq);
     Ok(Json(json!({"failed": found, "next_before": next_before})))
 }
 

@@ -44,6 +44,19 @@ impl Harness {
         }
     }
 
+    /// A collector with identity resolution on.
+    pub fn with_identity() -> Self {
+        Self::start_with(|config| config.identity = true)
+    }
+
+    /// Posts `events` as one batch, expects a 200, and waits until the pipeline has
+    /// processed them.
+    pub fn send_batch(&self, events: Value) {
+        let response = self.post_json("/v1/batch", &serde_json::json!({"batch": events}));
+        assert_eq!(response.status(), 200);
+        self.wait_processed();
+    }
+
     pub fn url(&self, path: &str) -> String {
         self.collector.url(path)
     }
