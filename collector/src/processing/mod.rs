@@ -117,17 +117,20 @@ impl CompiledRules {
         &self.rules
     }
 
-    /// Cleans, transforms and checks `message` in place.
+    /// Cleans, transforms and checks `message` in place; answers whether it may have
+    /// changed (cleaning changed something, a transformation ran, or violations were
+    /// recorded).
     ///
     /// # Errors
     ///
     /// The [`Refusal`] when the event is not kept.
-    pub fn apply(&self, message: &mut Value) -> Result<(), Refusal> {
+    pub fn apply(&self, message: &mut Value) -> Result<bool, Refusal> {
         let changes = self
             .rules
             .cleaning
             .apply(message)
             .map_err(|reason| Refusal::Failed(failure::CLEANING, reason))?;
+        let mut changed = !changes.is_empty() || !self.rules.transformations.is_empty();
         if !changes.is_empty() {
             annotate(message, "cleaned", json!(changes));
         }
@@ -150,9 +153,10 @@ impl CompiledRules {
                     ));
                 }
                 annotate(message, "violations", json!(violations));
+                changed = true;
             }
         }
-        Ok(())
+        Ok(changed)
     }
 }
 
@@ -254,7 +258,9 @@ impl Stage for Process {
         let rules = self.rules.for_source(&event.source);
         let mut message = serde_json::to_value(&event.message)?;
         match rules.apply(&mut message) {
-            Ok(()) => {}
+            // Unchanged: the message is the valid one ingest stored; no need to rebuild it.
+            Ok(false) => return Ok(Outcome::Continue),
+            Ok(true) => {}
             Err(Refusal::Dropped) => return Ok(Outcome::Drop(TRANSFORMED_AWAY)),
             Err(Refusal::Failed(code, reason)) => return Ok(Outcome::Fail(code, reason)),
         }
@@ -338,6 +344,19 @@ mod tests {
         };
         assert_eq!(code, failure::CLEANING);
         assert!(reason.contains("traits.email"), "{reason}");
+    }
+
+    #[test]
+    fn an_event_nothing_changes_is_kept_as_it_is() {
+        let stage = Process::new(Arc::new(Rules::default()));
+        let mut clean = event(json!({"type": "track", "event": "E", "userId": "u",
+                                     "properties": {"email": "ann@example.com", "n": 1}}));
+        let before = clean.message.clone();
+        assert_eq!(stage.process(&mut clean).expect("runs"), Outcome::Continue);
+        assert_eq!(clean.message, before);
+        let mut dirty = event(json!({"type": "track", "event": " E ", "userId": "u"}));
+        assert_eq!(stage.process(&mut dirty).expect("runs"), Outcome::Continue);
+        assert_ne!(dirty.message, before, "a trimmed event is rewritten");
     }
 
     #[test]
