@@ -10,10 +10,12 @@ step "Rust components"
 rustup component add rustfmt clippy
 rustup target add wasm32-unknown-unknown
 
-step "System packages: Debian's JNA (Kotlin bindings on the JVM), Chromium (browser SDK), PostgreSQL (warehouse source)"
-if [ ! -f /usr/share/java/jna.jar ] || [ ! -x /usr/bin/chromium ] || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+step "System packages: Debian's JNA (Kotlin bindings on the JVM), Chromium (browser SDK), PostgreSQL (warehouse source), venv (pytest)"
+if [ ! -f /usr/share/java/jna.jar ] || [ ! -x /usr/bin/chromium ] \
+  || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+  || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjna-java chromium postgresql
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjna-java chromium postgresql python3-venv
 fi
 
 step "wasm-bindgen-cli, pinned to the wasm-bindgen crate's version"
