@@ -169,6 +169,71 @@ pub fn evaluate(expr: &Expr, profile: &Profile<'_>, now: Timestamp) -> bool {
     }
 }
 
+/// The events matching a name and filters, at any time.
+fn named<'a>(profile: &Profile<'a>, events: &'a Events) -> impl Iterator<Item = &'a EventRecord> {
+    profile.events.iter().filter(move |event| {
+        event.name == events.name
+            && events
+                .filters
+                .iter()
+                .all(|f| compare(event_value(event, &f.path), f.cmp, &f.value))
+    })
+}
+
+/// The first moment after `at` and `secs` have passed.
+fn after_window(at: Timestamp, secs: u64) -> Option<Timestamp> {
+    let secs = i64::try_from(secs).ok()?;
+    at.checked_add(SignedDuration::from_secs(secs))
+        .ok()?
+        .checked_add(SignedDuration::from_nanos(1))
+        .ok()
+}
+
+/// The earliest moment after `now` at which time alone can change whether `profile`
+/// meets `expr`: an event leaving a window, or an event stamped in the future coming
+/// into view. `None` when no such moment exists (only new input can change it).
+pub fn next_change(expr: &Expr, profile: &Profile<'_>, now: Timestamp) -> Option<Timestamp> {
+    let later = |t: Timestamp| (t > now).then_some(t);
+    match expr {
+        Expr::And { all: items } | Expr::Or { any: items } => items
+            .iter()
+            .filter_map(|e| next_change(e, profile, now))
+            .min(),
+        Expr::Not { expr } => next_change(expr, profile, now),
+        Expr::Aggregate { events, .. } => named(profile, events)
+            .flat_map(|e| {
+                let leaves = events
+                    .within_secs
+                    .and_then(|secs| after_window(e.timestamp, secs));
+                [later(e.timestamp), leaves.and_then(later)]
+            })
+            .flatten()
+            .min(),
+        Expr::Occurred {
+            which,
+            events,
+            within_secs,
+        } => {
+            let times: Vec<Timestamp> = named(profile, events).map(|e| e.timestamp).collect();
+            let coming = times.iter().copied().filter_map(later).min();
+            let seen = times.into_iter().filter(|t| *t <= now);
+            let occurrence = match which {
+                Which::First => seen.min(),
+                Which::Last => seen.max(),
+            };
+            let leaves = occurrence
+                .and_then(|t| after_window(t, *within_secs))
+                .and_then(later);
+            coming.into_iter().chain(leaves).min()
+        }
+        Expr::Compare { .. }
+        | Expr::In { .. }
+        | Expr::Exists { .. }
+        | Expr::Has { .. }
+        | Expr::InSegment { .. } => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,5 +425,52 @@ mod tests {
                 .inputs()
                 .windowed
         );
+    }
+
+    #[test]
+    fn next_change_is_when_a_window_lets_an_event_go() {
+        let mut f = Fixture::new();
+        f.events.push(event("Signed In", "2026-12-24T00:00:00Z", json!({})));
+        let now = at("2026-11-29T12:00:00Z");
+        let next = |text: &str| {
+            let profile = Profile {
+                traits: &f.traits,
+                identifiers: &f.identifiers,
+                events: &f.events,
+                segments: &f.segments,
+            };
+            next_change(&parse(text).expect("parses"), &profile, now)
+        };
+        let count = r#"count(event "Order Completed" within 30d) >= 2"#;
+        // The 1 November order leaves the 30-day window one instant after 1 December 10:00.
+        let leaves = at("2026-12-01T10:00:00.000000001Z");
+        assert_eq!(next(count), Some(leaves));
+        let holds_at = |when: Timestamp| {
+            let profile = Profile {
+                traits: &f.traits,
+                identifiers: &f.identifiers,
+                events: &f.events,
+                segments: &f.segments,
+            };
+            evaluate(&parse(count).expect("parses"), &profile, when)
+        };
+        assert!(holds_at(at("2026-12-01T10:00:00Z")));
+        assert!(!holds_at(leaves));
+        // The last sign-in (28 November) leaves a 7-day window on 5 December; the one
+        // stamped 24 December comes into view later.
+        assert_eq!(
+            next(r#"last(event "Signed In") within 7d"#),
+            Some(at("2026-12-05T09:00:00.000000001Z"))
+        );
+        // An unwindowed count changes when the future-stamped event comes into view.
+        assert_eq!(
+            next(r#"count(event "Signed In") >= 2"#),
+            Some(at("2026-12-24T00:00:00Z"))
+        );
+        assert_eq!(
+            next(r#"not (traits.plan = "pro" or count(event "Order Completed" within 30d) >= 2)"#),
+            Some(leaves)
+        );
+        assert_eq!(next(r#"traits.plan = "pro" and has email"#), None);
     }
 }

@@ -3,13 +3,16 @@
 //!
 //! - [`ast`]: the segment tree, its JSON form, and what it reads ([`ast::Inputs`]).
 //! - [`parser`]: the language, with errors at line and column.
-//! - [`eval`]: evaluation against a profile at a moment.
+//! - [`eval`]: evaluation against a profile at a moment, and the next moment time alone
+//!   can change it.
+//! - [`membership`]: incremental membership: which segments a profile change
+//!   re-evaluates, the enters and exits, and window timers.
 //!
-//! The collector does not run segments yet (real-time membership and the segments API
-//! are the rest of the segments issue).
+//! The collector runs [`membership`] as a pipeline stage and serves the segments API.
 
 pub mod ast;
 pub mod eval;
+pub mod membership;
 pub mod parser;
 
 pub use ast::Expr;

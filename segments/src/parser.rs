@@ -14,7 +14,7 @@
 //! filter     = PATH CMP value
 //! CMP        = "=" | "!=" | "<" | "<=" | ">" | ">=" | "contains" | "starts_with"
 //! value      = STRING | NUMBER | "true" | "false"
-//! DURATION   = NUMBER ("m" | "h" | "d" | "w"), such as 30d
+//! DURATION   = NUMBER ("s" | "m" | "h" | "d" | "w"), such as 30d
 //! ```
 //!
 //! Inside `events`, `and` binds to the filters: wrap an event condition in parentheses
@@ -194,6 +194,7 @@ fn lex(text: &str) -> Result<Vec<Lexed>, ParseError> {
                 match unit {
                     Some(unit) => {
                         let seconds = match unit {
+                            's' => 1.0,
                             'm' => 60.0,
                             'h' => 3_600.0,
                             'd' => 86_400.0,
@@ -202,7 +203,7 @@ fn lex(text: &str) -> Result<Vec<Lexed>, ParseError> {
                                 return Err(error(
                                     line,
                                     column,
-                                    format!("{other:?} is not a duration unit: use m, h, d or w"),
+                                    format!("{other:?} is not a duration unit: use s, m, h, d or w"),
                                 ));
                             }
                         };
