@@ -10,7 +10,11 @@
 //! Keys of the identity tree: `o\0{identifier}` → owner profile id; `p\0{id}` → profile;
 //! `e\0{id}\0{seq}` → (nothing: the timeline; summaries are rebuilt from the log); `m\0{merge}` → merge; `x\0{id}\0{merge}` → the
 //! merges of a profile; `s\0{identifier}` → suppressed; `g\0{a}\0{b}` → a suggested
-//! merge; `n` → the last number given.
+//! merge; `d\0{id}` → the profile's make-up changed (merged, split, deleted) and its
+//! segment memberships must be re-evaluated; `n` → the last number given.
+//!
+//! The `d` marks are written in the same batch as the change itself, so a crash between
+//! the graph's write and the segments' cannot lose a re-evaluation.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -24,7 +28,12 @@ use serde_json::{Value, json};
 
 use crate::error::StoreError;
 use crate::pipeline::{Outcome, Stage};
-use crate::store::{IdentityEntries, IdentityWrites, Store, StoredEvent};
+use crate::store::{Entries, Space, Store, StoredEvent, Writes};
+
+/// A nonce for a change mark made by an admin operation.
+fn admin_nonce() -> String {
+    format!("admin:{}", jiff::Timestamp::now().as_nanosecond())
+}
 
 /// The reason counted for events dropped because they carry an erased identifier.
 pub const SUPPRESSED: &str = "suppressed";
@@ -47,7 +56,7 @@ fn id_bytes(id: &Identifier) -> Vec<u8> {
 /// The graph's view of the store: the tree, seen through the pending writes.
 struct View<'a> {
     store: &'a Store,
-    writes: &'a mut IdentityWrites,
+    writes: &'a mut Writes,
     rules: &'a Rules,
 }
 
@@ -55,7 +64,7 @@ impl View<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match self.writes.get(key) {
             Some(pending) => Ok(pending.clone()),
-            None => self.store.identity_get(key),
+            None => self.store.get(Space::Identity, key),
         }
     }
 
@@ -73,9 +82,12 @@ impl View<'_> {
     }
 
     /// The entries under `prefix`, pending writes included, in key order.
-    fn scan(&self, prefix: &[u8]) -> Result<IdentityEntries, StoreError> {
-        let mut entries: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
-            self.store.identity_scan(prefix)?.into_iter().collect();
+    fn scan(&self, prefix: &[u8]) -> Result<Entries, StoreError> {
+        let mut entries: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = self
+            .store
+            .scan(Space::Identity, prefix)?
+            .into_iter()
+            .collect();
         for (k, v) in self.writes.range(prefix.to_vec()..) {
             if !k.starts_with(prefix) {
                 break;
@@ -90,6 +102,17 @@ impl View<'_> {
 }
 
 impl View<'_> {
+    /// Marks profiles whose make-up changed, for the segments to re-evaluate; `nonce`
+    /// tells this mark from a later one ([`Identity::clear_changed`]).
+    fn mark_changed<'p>(&mut self, profiles: impl IntoIterator<Item = &'p str>, nonce: &str) {
+        for profile in profiles {
+            self.put(
+                key(b'd', &[profile.as_bytes()]),
+                Some(nonce.as_bytes().to_vec()),
+            );
+        }
+    }
+
     /// Every live (not merged) profile.
     fn live_profiles(&self) -> Result<Vec<Profile>, StoreError> {
         let mut live = Vec::new();
@@ -268,7 +291,7 @@ pub enum MatchError {
 pub struct Identity {
     graph: Graph,
     store: Arc<Store>,
-    pending: Mutex<IdentityWrites>,
+    pending: Mutex<Writes>,
 }
 
 impl Identity {
@@ -277,11 +300,11 @@ impl Identity {
         Identity {
             graph: Graph::new(rules),
             store,
-            pending: Mutex::new(IdentityWrites::new()),
+            pending: Mutex::new(Writes::new()),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, IdentityWrites> {
+    fn lock(&self) -> MutexGuard<'_, Writes> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -297,7 +320,8 @@ impl Identity {
                 rules: self.graph.rules(),
             },
         );
-        self.store.identity_apply(std::mem::take(&mut *pending))?;
+        self.store
+            .apply(Space::Identity, std::mem::take(&mut *pending))?;
         self.store.flush()?;
         Ok(result)
     }
@@ -375,8 +399,15 @@ impl Identity {
     ///
     /// An unknown or undone merge, or a storage failure.
     pub fn split(&self, merge: u64) -> Result<Split, SplitError<StoreError>> {
-        self.write(|graph, view| graph.split(view, merge))
-            .map_err(SplitError::Store)?
+        self.write(|graph, view| {
+            let split = graph.split(view, merge)?;
+            view.mark_changed(
+                [split.survivor.as_str(), split.restored.as_str()],
+                &admin_nonce(),
+            );
+            Ok(split)
+        })
+        .map_err(SplitError::Store)?
     }
 
     /// Erases a profile and its events, and suppresses its identifiers.
@@ -385,7 +416,13 @@ impl Identity {
     ///
     /// On a storage failure.
     pub fn delete(&self, id: &str) -> Result<Option<Deleted>, StoreError> {
-        let deleted = self.write(|graph, view| graph.delete(view, id))??;
+        let deleted = self.write(|graph, view| {
+            let deleted = graph.delete(view, id)?;
+            if let Some(deleted) = &deleted {
+                view.mark_changed([deleted.profile.as_str()], &admin_nonce());
+            }
+            Ok::<_, StoreError>(deleted)
+        })??;
         if let Some(deleted) = &deleted {
             self.store.erase_events(&deleted.event_seqs)?;
         }
@@ -450,7 +487,10 @@ impl Identity {
                     pair.probability, pair.weight
                 );
                 match graph.merge_profiles(view, &pair.a, &pair.b, &reason)? {
-                    Ok(_) => report.merged += 1,
+                    Ok(merge) => {
+                        view.mark_changed([merge.survivor.as_str(), merge.merged.as_str()], &admin_nonce());
+                        report.merged += 1;
+                    }
                     Err(why) => {
                         tracing::info!(a = %pair.a, b = %pair.b, %why, "probabilistic match not merged");
                         report.refused += 1;
@@ -513,10 +553,60 @@ impl Identity {
                     "suggested merge accepted: probability {:.4}, weight {:.2}",
                     pair.probability, pair.weight
                 );
-                Ok(Some(Some(graph.merge_profiles(view, a, b, &reason)?)))
+                let merged = graph.merge_profiles(view, a, b, &reason)?;
+                if let Ok(merge) = &merged {
+                    view.mark_changed(
+                        [merge.survivor.as_str(), merge.merged.as_str()],
+                        &admin_nonce(),
+                    );
+                }
+                Ok(Some(Some(merged)))
             },
         )??;
         decided.ok_or(MatchError::NoSuggestion)
+    }
+
+    /// The profiles whose make-up changed (merged, split, deleted) since their segment
+    /// memberships were last re-evaluated, each with its mark's nonce.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn changed_profiles(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = key(b'd', &[b""]);
+        self.read(|_, view| {
+            Ok(view
+                .scan(&prefix)?
+                .into_iter()
+                .map(|(k, nonce)| {
+                    (
+                        String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                        nonce,
+                    )
+                })
+                .collect())
+        })
+    }
+
+    /// Clears the marks of [`Identity::changed_profiles`] that were re-evaluated: each
+    /// only if no later change marked it again.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn clear_changed(&self, marks: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        self.write(|_, view| -> Result<(), StoreError> {
+            for (profile, nonce) in marks {
+                let mark = key(b'd', &[profile.as_bytes()]);
+                if view.get(&mark)?.as_ref() == Some(nonce) {
+                    view.put(mark, None);
+                }
+            }
+            Ok(())
+        })?
     }
 
     /// The pipeline stage.
@@ -550,14 +640,17 @@ impl Stage for Resolve {
         let summary = EventSummary::of(event.seq, &event.source, &message, identity.graph.rules());
         let resolution = {
             let mut pending = identity.lock();
-            identity.graph.process(
-                &mut View {
-                    store: &identity.store,
-                    writes: &mut pending,
-                    rules: identity.graph.rules(),
-                },
-                &summary,
-            )?
+            let mut view = View {
+                store: &identity.store,
+                writes: &mut pending,
+                rules: identity.graph.rules(),
+            };
+            let resolution = identity.graph.process(&mut view, &summary)?;
+            let nonce = format!("event:{}", event.seq);
+            for merge in &resolution.merges {
+                view.mark_changed([merge.survivor.as_str(), merge.merged.as_str()], &nonce);
+            }
+            resolution
         };
         if let Some(id) = resolution.suppressed {
             tracing::info!(seq = event.seq, identifier = %id, "event dropped: it carries an erased identifier");
@@ -589,6 +682,6 @@ impl Stage for Resolve {
 
     fn end_chunk(&self) -> Result<(), StoreError> {
         let writes = std::mem::take(&mut *self.identity.lock());
-        self.identity.store.identity_apply(writes)
+        self.identity.store.apply(Space::Identity, writes)
     }
 }

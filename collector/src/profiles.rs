@@ -195,6 +195,7 @@ async fn erase(
     let deleted = blocking(move || identity.delete(&wanted))
         .await?
         .ok_or_else(|| not_found(&id))?;
+    refresh_segments(&state).await;
     Ok(Json(json!({
         "deleted": deleted.profile,
         "suppressed_identifiers": deleted.identifiers,
@@ -210,6 +211,7 @@ async fn split(
     let result = tokio::task::spawn_blocking(move || identity.split(id))
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    refresh_segments(&state).await;
     match result {
         Ok(split) => Ok(Json(
             json!({"merge": id, "survivor": split.survivor, "restored": split.restored}),
@@ -220,6 +222,20 @@ async fn split(
             format!("merge {id} was already undone"),
         )),
         Err(SplitError::Store(error)) => Err(error.into()),
+    }
+}
+
+/// Re-evaluates the segment memberships of the profiles an admin operation changed.
+/// A failure is only logged: the profiles stay marked, and the segments thread retries.
+async fn refresh_segments(state: &Arc<AppState>) {
+    let Some(membership) = state.membership.clone() else {
+        return;
+    };
+    if let Err(error) = blocking(move || membership.refresh()).await {
+        tracing::error!(
+            ?error,
+            "re-evaluating segment memberships failed; retried later"
+        );
     }
 }
 
@@ -239,6 +255,7 @@ async fn run_matching(State(state): State<Arc<AppState>>) -> Result<Json<MatchRe
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?
         .map_err(match_error)?;
+    refresh_segments(&state).await;
     Ok(Json(report))
 }
 
@@ -277,6 +294,7 @@ async fn decide(
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?
         .map_err(match_error)?;
+    refresh_segments(&state).await;
     match decided {
         None => Ok(Json(json!({"dismissed": true}))),
         Some(Ok(merge)) => Ok(Json(json!({"merged": merge}))),

@@ -28,6 +28,7 @@ use crate::imports::watch::Watchers;
 use crate::pipeline::{Deduplicate, Pipeline, Stage, Wake};
 use crate::processing::{DEFAULT_RULES, Process, Rules};
 use crate::ratelimit::RateLimiter;
+use crate::segments::{self, Membership, Segment};
 use crate::stats::Stats;
 use crate::store::Store;
 use crate::writer::LogWriter;
@@ -65,6 +66,8 @@ pub struct AppState {
     pub rules: Arc<Rules>,
     /// The identity graph, when identity resolution is on.
     pub identity: Option<Arc<Identity>>,
+    /// Segment membership, kept current (with identity resolution).
+    pub membership: Option<Arc<Membership>>,
     sources: HashMap<String, Arc<str>>,
     shutdown: watch::Sender<bool>,
 }
@@ -220,8 +223,20 @@ impl Collector {
             Box::new(Process::new(rules.clone())),
             Box::new(Deduplicate::new(store.clone(), config.dedup_window)),
         ];
-        if let Some(identity) = &identity {
+        let membership = match &identity {
+            Some(identity) => {
+                let segments: Vec<Segment> = segments::all(&store)?.into_values().collect();
+                Some(Membership::start(
+                    store.clone(),
+                    identity.clone(),
+                    &segments,
+                )?)
+            }
+            None => None,
+        };
+        if let (Some(identity), Some(membership)) = (&identity, &membership) {
             stages.push(Box::new(identity.stage()));
+            stages.push(Box::new(membership.stage()));
         }
         let pipeline = Pipeline::new(store.clone(), stats.clone(), stages, live.clone())
             .start(wake.clone())
@@ -253,6 +268,7 @@ impl Collector {
             limiter: (config.rate_limit > 0).then(|| RateLimiter::new(config.rate_limit)),
             rules,
             identity,
+            membership,
             sources: write_keys
                 .iter()
                 .map(|key| (key.value.clone(), Arc::from(source_id(&key.value))))
@@ -334,6 +350,9 @@ impl Collector {
             && thread.join().is_err()
         {
             tracing::error!("the pipeline thread panicked");
+        }
+        if let Some(membership) = &self.state.membership {
+            membership.close();
         }
         if let Err(error) = self.state.store.flush() {
             tracing::error!(%error, "final flush failed");

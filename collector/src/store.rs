@@ -112,13 +112,23 @@ pub struct Store {
     imports: Tree,
     identity: Tree,
     segments: Tree,
+    membership: Tree,
 }
 
-/// Writes to the identity tree, applied together ([`Store::identity_apply`]).
-pub type IdentityWrites = std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+/// A tree whose keys and values belong to one module, which lays them out itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    /// The identity graph ([`crate::identity`]).
+    Identity,
+    /// Segment memberships, their history and timers ([`crate::segments::live`]).
+    Membership,
+}
 
-/// Entries of the identity tree, in key order.
-pub type IdentityEntries = Vec<(Vec<u8>, Vec<u8>)>;
+/// Writes to a [`Space`], applied together ([`Store::apply`]); `None` removes.
+pub type Writes = std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Entries of a [`Space`], in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// A `seq` as a sled key: big-endian, so keys sort in log order.
 fn seq_key(seq: u64) -> [u8; 8] {
@@ -174,6 +184,7 @@ impl Store {
             imports: db.open_tree("imports")?,
             identity: db.open_tree("identity")?,
             segments: db.open_tree("segments")?,
+            membership: db.open_tree("membership")?,
             db,
         })
     }
@@ -640,23 +651,47 @@ impl Store {
             .collect()
     }
 
-    /// A value of the identity tree.
-    ///
-    /// # Errors
-    ///
-    /// On a storage failure.
-    pub fn identity_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.identity.get(key)?.map(|v| v.to_vec()))
+    fn space(&self, space: Space) -> &Tree {
+        match space {
+            Space::Identity => &self.identity,
+            Space::Membership => &self.membership,
+        }
     }
 
-    /// The entries of the identity tree under `prefix`, in key order.
+    /// A value of a space.
     ///
     /// # Errors
     ///
     /// On a storage failure.
-    pub fn identity_scan(&self, prefix: &[u8]) -> Result<IdentityEntries, StoreError> {
-        self.identity
-            .scan_prefix(prefix)
+    pub fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.space(space).get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// The entries of a space under `prefix`, in key order.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn scan(&self, space: Space, prefix: &[u8]) -> Result<Entries, StoreError> {
+        self.scan_from(space, prefix, prefix, usize::MAX)
+    }
+
+    /// At most `limit` entries of a space under `prefix`, from the key `from` on.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn scan_from(
+        &self,
+        space: Space,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Entries, StoreError> {
+        self.space(space)
+            .range(from..)
+            .take_while(|entry| entry.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
+            .take(limit)
             .map(|entry| {
                 let (k, v) = entry?;
                 Ok((k.to_vec(), v.to_vec()))
@@ -664,12 +699,26 @@ impl Store {
             .collect()
     }
 
-    /// Applies identity writes (`None` removes) in one atomic batch.
+    /// How many keys of a space start with `prefix`.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn count(&self, space: Space, prefix: &[u8]) -> Result<usize, StoreError> {
+        let mut count = 0;
+        for key in self.space(space).scan_prefix(prefix).keys() {
+            key?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Applies writes to a space in one atomic batch.
     ///
     /// # Errors
     ///
     /// On a storage failure; nothing of the batch is applied then.
-    pub fn identity_apply(&self, writes: IdentityWrites) -> Result<(), StoreError> {
+    pub fn apply(&self, space: Space, writes: Writes) -> Result<(), StoreError> {
         if writes.is_empty() {
             return Ok(());
         }
@@ -680,7 +729,7 @@ impl Store {
                 None => batch.remove(key),
             }
         }
-        self.identity.apply_batch(batch)?;
+        self.space(space).apply_batch(batch)?;
         Ok(())
     }
 

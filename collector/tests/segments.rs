@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Harness, error_code};
+use common::{Harness, error_code, eventually};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -16,7 +16,16 @@ fn profile_id(h: &Harness, user: &str) -> String {
     profile["id"].as_str().expect("id").to_owned()
 }
 
+/// Waits until a segment is computed for every profile.
+fn ready(h: &Harness, key: &str) {
+    eventually(&format!("segment {key} computed"), || {
+        let shown: Value = h.admin_get(&format!("/v1/segments/{key}")).json().ok()?;
+        (shown["progress"]["state"] == "ready").then_some(())
+    });
+}
+
 fn members(h: &Harness, key: &str) -> Vec<String> {
+    ready(h, key);
     let body: Value = h
         .admin_get(&format!("/v1/segments/{key}/members"))
         .json()
@@ -247,4 +256,198 @@ fn bad_segments_get_clear_errors() {
     );
     let (status, _) = error_code(refused);
     assert_eq!(status, 404);
+}
+
+/// The membership changes recorded so far (after `after`), as (segment, profile, type,
+/// cause) tuples.
+fn changes_after(h: &Harness, after: u64) -> Vec<Value> {
+    let body: Value = h
+        .admin_get(&format!("/v1/membership-changes?after={after}&limit=1000"))
+        .json()
+        .expect("json");
+    body["changes"].as_array().expect("changes").clone()
+}
+
+fn summary(changes: &[Value]) -> Vec<(String, String, String, String)> {
+    changes
+        .iter()
+        .map(|c| {
+            let text = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            (
+                text("segment"),
+                text("profile_id"),
+                text("type"),
+                text("cause"),
+            )
+        })
+        .collect()
+}
+
+fn change(
+    segment: &str,
+    profile: &str,
+    kind: &str,
+    cause: &str,
+) -> (String, String, String, String) {
+    (
+        segment.to_owned(),
+        profile.to_owned(),
+        kind.to_owned(),
+        cause.to_owned(),
+    )
+}
+
+fn delete(h: &Harness, path: &str) -> reqwest::blocking::Response {
+    h.http
+        .delete(h.url(path))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .send()
+        .expect("sent")
+}
+
+#[test]
+fn memberships_follow_events_windows_merges_splits_and_deletes_exactly_once() {
+    let h = Harness::with_identity();
+    for (key, definition) in [
+        ("pro", r#"traits.plan = "pro""#),
+        ("active", r#"count(event "Signed In" within 1s) >= 1"#),
+        (
+            "pro_active",
+            r#"in_segment("pro") and in_segment("active")"#,
+        ),
+    ] {
+        let created = h.admin_send(
+            Method::POST,
+            "/v1/segments",
+            &json!({"key": key, "definition": definition}),
+        );
+        assert_eq!(created.status(), 201);
+        ready(&h, key);
+    }
+
+    // Events in, changes out: the trait, then the event and the dependent segment.
+    h.send_batch(json!([{"type": "identify", "userId": "ann", "traits": {"plan": "pro"}}]));
+    let ann = profile_id(&h, "ann");
+    let first = changes_after(&h, 0);
+    assert_eq!(summary(&first), [change("pro", &ann, "entered", "event")]);
+    assert!(first[0]["event_seq"].is_u64() && first[0]["event_received_at"].is_string());
+    h.send_batch(json!([{"type": "track", "userId": "ann", "event": "Signed In"}]));
+    let entered = changes_after(&h, 1);
+    assert_eq!(
+        summary(&entered),
+        [
+            change("active", &ann, "entered", "event"),
+            change("pro_active", &ann, "entered", "event"),
+        ]
+    );
+
+    // An event no segment reads and a trait no segment reads change nothing.
+    h.send_batch(json!([
+        {"type": "track", "userId": "ann", "event": "Page Viewed"},
+        {"type": "identify", "userId": "ann", "traits": {"name": "Ann"}}
+    ]));
+    assert!(changes_after(&h, 3).is_empty());
+
+    // The window passes: a timer takes ann out of "active" and "pro_active", once.
+    let expired = eventually("the window to pass", || {
+        let found = changes_after(&h, 3);
+        (found.len() >= 2).then_some(found)
+    });
+    assert_eq!(
+        summary(&expired),
+        [
+            change("active", &ann, "exited", "time"),
+            change("pro_active", &ann, "exited", "time"),
+        ]
+    );
+    let segments_of = |id: &str| -> Value {
+        h.admin_get(&format!("/v1/profiles/{id}/segments"))
+            .json::<Value>()
+            .expect("json")["segments"]
+            .clone()
+    };
+    assert_eq!(segments_of(&ann), json!(["pro"]));
+
+    // An anonymous visitor who is "pro" enters, then is recognised as ann: the merged
+    // profile leaves, ann (already a member) enters nothing again.
+    h.send_batch(json!([{"type": "identify", "anonymousId": "anon-1", "traits": {"plan": "pro"}}]));
+    let visitor: Value = h
+        .admin_get("/v1/profiles?identifier=anonymous_id:anon-1")
+        .json()
+        .expect("json");
+    let visitor = visitor["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        summary(&changes_after(&h, 5)),
+        [change("pro", &visitor, "entered", "event")]
+    );
+    h.send_batch(json!([{"type": "identify", "anonymousId": "anon-1", "userId": "ann"}]));
+    assert_eq!(
+        summary(&changes_after(&h, 6)),
+        [change("pro", &visitor, "exited", "profile")]
+    );
+    assert_eq!(segments_of(&ann), json!(["pro"]));
+
+    // Split the merge: the visitor's profile is back, and a member again.
+    let log: Value = h
+        .admin_get(&format!("/v1/profiles/{ann}/merges"))
+        .json()
+        .expect("json");
+    let merge = log["merges"][0]["id"].as_u64().expect("a merge");
+    let split = h.admin_send(
+        Method::POST,
+        &format!("/v1/merges/{merge}/split"),
+        &json!({}),
+    );
+    assert_eq!(split.status(), 200);
+    assert_eq!(
+        summary(&changes_after(&h, 7)),
+        [change("pro", &visitor, "entered", "profile")]
+    );
+
+    // Delete ann: she leaves every segment, once.
+    assert_eq!(delete(&h, &format!("/v1/profiles/{ann}")).status(), 200);
+    assert_eq!(
+        summary(&changes_after(&h, 8)),
+        [change("pro", &ann, "exited", "profile")]
+    );
+    assert_eq!(members(&h, "pro"), std::slice::from_ref(&visitor));
+
+    // A segment created over existing profiles is computed in the background.
+    let created = h.admin_send(
+        Method::POST,
+        "/v1/segments",
+        &json!({"key": "visitors", "definition": "has anonymous_id"}),
+    );
+    assert_eq!(created.status(), 201);
+    assert_eq!(members(&h, "visitors"), std::slice::from_ref(&visitor));
+    let shown: Value = h.admin_get("/v1/segments/visitors").json().expect("json");
+    assert_eq!(
+        shown["progress"],
+        json!({"state": "ready", "done": 1, "total": 1})
+    );
+    assert_eq!(
+        summary(&changes_after(&h, 9)),
+        [change("visitors", &visitor, "entered", "computed")]
+    );
+
+    // A deleted segment's members are forgotten, with no exit recorded.
+    assert_eq!(delete(&h, "/v1/segments/visitors").status(), 200);
+    eventually("the deleted segment forgotten", || {
+        (segments_of(&visitor) == json!(["pro"])).then_some(())
+    });
+    assert!(changes_after(&h, 10).is_empty());
+
+    // Filters and paging of the feed.
+    let of_visitor: Value = h
+        .admin_get(&format!(
+            "/v1/membership-changes?profile_id={visitor}&segment=pro&limit=1"
+        ))
+        .json()
+        .expect("json");
+    assert_eq!(of_visitor["changes"].as_array().map(Vec::len), Some(1));
+    assert_eq!(of_visitor["next_after"], 6);
+    assert_eq!(
+        error_code(h.admin_get("/v1/membership-changes?after=x")),
+        (400, "invalid_query".to_owned())
+    );
 }

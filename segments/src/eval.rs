@@ -430,7 +430,8 @@ mod tests {
     #[test]
     fn next_change_is_when_a_window_lets_an_event_go() {
         let mut f = Fixture::new();
-        f.events.push(event("Signed In", "2026-12-24T00:00:00Z", json!({})));
+        f.events
+            .push(event("Signed In", "2026-12-24T00:00:00Z", json!({})));
         let now = at("2026-11-29T12:00:00Z");
         let next = |text: &str| {
             let profile = Profile {

@@ -378,19 +378,29 @@ mod tests {
         let c = catalog(&[
             ("pro", r#"traits.plan = "pro""#),
             ("buyers", r#"count(event "Order Completed") >= 2"#),
-            ("pro_buyers", r#"in_segment("pro") and in_segment("buyers")"#),
+            (
+                "pro_buyers",
+                r#"in_segment("pro") and in_segment("buyers")"#,
+            ),
             ("emailable", "has email"),
         ]);
         let mut p = Person::new();
         let now = "2026-11-29T12:00:00Z";
         p.traits.insert("plan".into(), json!("pro"));
-        assert_eq!(p.update(&c, &traits(&["plan"]), now), [("pro".into(), true)]);
+        assert_eq!(
+            p.update(&c, &traits(&["plan"]), now),
+            [("pro".into(), true)]
+        );
         assert_eq!(p.loads, 0, "no segment that reads events was touched");
-        assert!(p.update(&c, &traits(&["plan"]), now).is_empty(), "no repeat");
+        assert!(
+            p.update(&c, &traits(&["plan"]), now).is_empty(),
+            "no repeat"
+        );
 
         // An event another segment reads does not touch "pro".
         p.traits.insert("plan".into(), json!("free"));
-        p.events.push(order("Order Completed", "2026-11-29T11:00:00Z"));
+        p.events
+            .push(order("Order Completed", "2026-11-29T11:00:00Z"));
         let orders = Change {
             events: ["Order Completed".to_owned()].into(),
             ..Change::default()
@@ -399,7 +409,8 @@ mod tests {
         assert!(p.state.segments.contains("pro"), "plan was not re-read");
         p.traits.insert("plan".into(), json!("pro"));
 
-        p.events.push(order("Order Completed", "2026-11-29T11:30:00Z"));
+        p.events
+            .push(order("Order Completed", "2026-11-29T11:30:00Z"));
         assert_eq!(
             p.update(&c, &orders, now),
             [("buyers".into(), true), ("pro_buyers".into(), true)],

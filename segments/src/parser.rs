@@ -203,7 +203,9 @@ fn lex(text: &str) -> Result<Vec<Lexed>, ParseError> {
                                 return Err(error(
                                     line,
                                     column,
-                                    format!("{other:?} is not a duration unit: use s, m, h, d or w"),
+                                    format!(
+                                        "{other:?} is not a duration unit: use s, m, h, d or w"
+                                    ),
                                 ));
                             }
                         };

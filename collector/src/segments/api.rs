@@ -1,19 +1,20 @@
-//! Segments over the unified profiles (identity resolution must be on): definitions in
-//! the segment language (`kith-segments`), stored, previewed, and their members computed
-//! on demand from the profiles' traits, identifier types, `track` events and memberships
-//! of the segments they reference.
+//! The segments API (identity resolution must be on).
 //!
 //! - `GET /v1/segments`, `POST /v1/segments` (`{"key", "name", "definition"}`);
 //!   `GET|PUT|DELETE /v1/segments/{key}`. A definition that does not parse is a 400 with
-//!   the line and column; a reference to an unknown segment or a cycle is a 400.
-//! - `POST /v1/segments/preview` (`{"definition"}`): the member count and a sample.
+//!   the line and column; a reference to an unknown segment or a cycle is a 400. Each
+//!   segment answers with its `progress`: `computing` (with `done` of `total` profiles)
+//!   while a new or edited definition is computed for existing profiles, then `ready`.
+//! - `POST /v1/segments/preview` (`{"definition"}`): the member count and a sample,
+//!   computed from scratch, before saving.
 //! - `GET /v1/segments/{key}/members?limit=&after=`: members, by profile id, paged.
 //! - `GET /v1/segments/{key}/members.csv`: every member as CSV (profile id, user ids,
 //!   emails, phones, traits as JSON).
 //! - `GET /v1/profiles/{id}/segments`: the segments a profile is a member of.
+//! - `GET /v1/membership-changes?after=&limit=&segment=&profile_id=`: every enter and
+//!   exit, numbered in order, oldest first (the feed activation consumes).
 //!
-//! Real-time membership (a pipeline stage, window timers, enter/exit changes) is not
-//! built yet: members are computed when asked.
+//! Members and memberships are read from what [`super::live`] keeps current.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -27,10 +28,13 @@ use axum::{Json, Router};
 use jiff::Timestamp;
 use kith_identity::profile::Profile;
 use kith_segments::ast::Expr;
-use kith_segments::eval::{self, EventRecord};
+use kith_segments::eval::EventRecord;
+use kith_segments::membership::{Catalog, Change, State as Memberships, Subject};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
+use super::live::{Membership, MembershipChange, Progress, event_record};
+use super::{Segment, all};
 use crate::admin::{blocking, limit};
 use crate::error::{ApiError, StoreError};
 use crate::identity::Identity;
@@ -40,27 +44,10 @@ use crate::store::Store;
 
 /// Members answered when no `limit` is given.
 const DEFAULT_LIMIT: usize = 100;
-/// The most members one request answers.
+/// The most members or changes one request answers.
 const MAX_LIMIT: usize = 1_000;
 /// Profiles listed in a preview's sample.
 const SAMPLE: usize = 10;
-
-/// A stored segment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Segment {
-    /// Its key, used by `in_segment("key")` and the API.
-    pub key: String,
-    /// A name for people.
-    pub name: String,
-    /// The definition as written.
-    pub definition: String,
-    /// The parsed tree.
-    pub tree: Expr,
-    /// When it was created.
-    pub created_at: Timestamp,
-    /// When it was last changed.
-    pub updated_at: Timestamp,
-}
 
 /// The routes, to be put behind the admin check.
 pub fn routes() -> Router<Arc<AppState>> {
@@ -71,6 +58,31 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/segments/{key}/members", get(members))
         .route("/v1/segments/{key}/members.csv", get(export))
         .route("/v1/profiles/{id}/segments", get(profile_segments))
+        .route("/v1/membership-changes", get(changes))
+}
+
+/// The membership engine, or why there is none.
+fn membership(state: &AppState) -> Result<Arc<Membership>, ApiError> {
+    identity(state)?;
+    state
+        .membership
+        .clone()
+        .ok_or_else(|| ApiError::Unavailable("segments are not running".to_owned()))
+}
+
+/// A segment as the API answers it: the stored record and its progress.
+#[derive(Debug, Serialize)]
+struct Answer {
+    #[serde(flatten)]
+    segment: Segment,
+    progress: Option<Progress>,
+}
+
+fn answer(membership: &Membership, segment: Segment) -> Answer {
+    Answer {
+        progress: membership.progress(&segment.key),
+        segment,
+    }
 }
 
 /// The body of a create, update or preview.
@@ -91,14 +103,6 @@ fn parse_body(bytes: &[u8]) -> Result<Body, ApiError> {
 fn parse_definition(definition: &str) -> Result<Expr, ApiError> {
     kith_segments::parse(definition)
         .map_err(|e| ApiError::invalid("invalid_definition", e.to_string()))
-}
-
-fn all(store: &Store) -> Result<BTreeMap<String, Segment>, StoreError> {
-    Ok(store
-        .segments::<Segment>()?
-        .into_iter()
-        .map(|s| (s.key.clone(), s))
-        .collect())
 }
 
 /// Checks that `tree`, stored as `key`, references only known segments and no cycle.
@@ -145,84 +149,39 @@ fn check_references(
     Ok(())
 }
 
-/// What a segment is evaluated on, for one profile.
-struct Subject {
-    traits: Map<String, Value>,
-    identifiers: BTreeSet<String>,
-    events: Vec<EventRecord>,
-}
-
-fn subject(store: &Store, identity: &Identity, profile: &Profile) -> Result<Subject, StoreError> {
-    let seqs = identity.event_seqs(&profile.id)?;
-    let events = store
-        .events_by_seq(&seqs)?
-        .into_iter()
-        .filter_map(|stored| {
-            let message = serde_json::to_value(&stored.message).ok()?;
-            if message.get("type").and_then(Value::as_str) != Some("track") {
-                return None;
-            }
-            Some(EventRecord {
-                name: message.get("event")?.as_str()?.to_owned(),
-                timestamp: message.get("timestamp")?.as_str()?.parse().ok()?,
-                properties: message
-                    .get("properties")
-                    .and_then(Value::as_object)
-                    .cloned()
-                    .unwrap_or_default(),
-            })
-        })
-        .collect();
-    Ok(Subject {
-        traits: profile.trait_values(),
-        identifiers: profile.identifiers.iter().map(|i| i.kind.clone()).collect(),
-        events,
-    })
-}
-
-/// Whether the subject meets `tree`, evaluating the segments it references first.
-fn member(
-    tree: &Expr,
-    subject: &Subject,
-    segments: &BTreeMap<String, Segment>,
-    now: Timestamp,
-    depth: usize,
-) -> bool {
-    let memberships: BTreeSet<String> = if depth < 16 {
-        tree.inputs()
-            .segments
-            .into_iter()
-            .filter(|key| {
-                segments
-                    .get(key)
-                    .is_some_and(|s| member(&s.tree, subject, segments, now, depth + 1))
-            })
-            .collect()
-    } else {
-        BTreeSet::new()
-    };
-    let profile = eval::Profile {
-        traits: &subject.traits,
-        identifiers: &subject.identifiers,
-        events: &subject.events,
-        segments: &memberships,
-    };
-    eval::evaluate(tree, &profile, now)
-}
-
-/// The live profiles meeting `tree`, in id order.
+/// The live profiles meeting `tree` (evaluated with the stored segments it references),
+/// in id order: a preview, computed from scratch.
 fn members_of(store: &Store, identity: &Identity, tree: &Expr) -> Result<Vec<Profile>, StoreError> {
-    let segments = all(store)?;
+    const PREVIEW: &str = "\0preview";
+    let mut segments: Vec<(String, Expr)> =
+        all(store)?.into_values().map(|s| (s.key, s.tree)).collect();
+    segments.push((PREVIEW.to_owned(), tree.clone()));
+    let catalog = Catalog::new(segments);
     let now = Timestamp::now();
     let mut found = Vec::new();
     for profile in identity.live_profiles()? {
-        if member(
-            tree,
-            &subject(store, identity, &profile)?,
-            &segments,
+        let traits = profile.trait_values();
+        let identifiers: BTreeSet<String> =
+            profile.identifiers.iter().map(|i| i.kind.clone()).collect();
+        let mut state = Memberships::default();
+        catalog.update(
+            &mut state,
+            &Change::everything(),
+            Subject {
+                traits: &traits,
+                identifiers: &identifiers,
+            },
+            || -> Result<Vec<EventRecord>, StoreError> {
+                let seqs = identity.event_seqs(&profile.id)?;
+                Ok(store
+                    .events_by_seq(&seqs)?
+                    .iter()
+                    .filter_map(|e| event_record(&e.message))
+                    .collect())
+            },
             now,
-            0,
-        ) {
+        )?;
+        if state.segments.contains(PREVIEW) {
             found.push(profile);
         }
     }
@@ -235,20 +194,27 @@ fn not_found(key: &str) -> ApiError {
 }
 
 async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let membership = membership(&state)?;
     let store = state.store.clone();
-    let segments: Vec<Segment> =
-        blocking(move || all(&store).map(|m| m.into_values().collect())).await?;
-    Ok(Json(json!({"segments": segments})))
+    let segments = blocking(move || all(&store)).await?;
+    let answers: Vec<Answer> = segments
+        .into_values()
+        .map(|s| answer(&membership, s))
+        .collect();
+    Ok(Json(json!({"segments": answers})))
 }
 
 async fn show(
     State(state): State<Arc<AppState>>,
     Path(key): Path<String>,
-) -> Result<Json<Segment>, ApiError> {
+) -> Result<Json<Answer>, ApiError> {
+    let membership = membership(&state)?;
     let store = state.store.clone();
     let wanted = key.clone();
     let found = blocking(move || all(&store).map(|mut m| m.remove(&wanted))).await?;
-    found.map(Json).ok_or_else(|| not_found(&key))
+    found
+        .map(|s| Json(answer(&membership, s)))
+        .ok_or_else(|| not_found(&key))
 }
 
 async fn save(
@@ -257,8 +223,8 @@ async fn save(
     name: Option<String>,
     definition: String,
     create: bool,
-) -> Result<Segment, ApiError> {
-    identity(state)?;
+) -> Result<Answer, ApiError> {
+    let membership = membership(state)?;
     if key.is_empty()
         || !key
             .chars()
@@ -271,7 +237,7 @@ async fn save(
     }
     let tree = parse_definition(&definition)?;
     let store = state.store.clone();
-    blocking(move || -> Result<Segment, ApiError> {
+    blocking(move || -> Result<Answer, ApiError> {
         let mut segments = all(&store)?;
         let existing = segments.remove(&key);
         match (&existing, create) {
@@ -297,7 +263,10 @@ async fn save(
             updated_at: now,
         };
         store.put_segment(&key, Some(&segment))?;
-        Ok(segment)
+        segments.insert(key.clone(), segment.clone());
+        let stored: Vec<Segment> = segments.into_values().collect();
+        membership.segment_saved(&stored, &key);
+        Ok(answer(&membership, segment))
     })
     .await
 }
@@ -305,7 +274,7 @@ async fn save(
 async fn create(
     State(state): State<Arc<AppState>>,
     body: Bytes,
-) -> Result<(StatusCode, Json<Segment>), ApiError> {
+) -> Result<(StatusCode, Json<Answer>), ApiError> {
     let body = parse_body(&body)?;
     let key = body
         .key
@@ -318,7 +287,7 @@ async fn update(
     State(state): State<Arc<AppState>>,
     Path(key): Path<String>,
     body: Bytes,
-) -> Result<Json<Segment>, ApiError> {
+) -> Result<Json<Answer>, ApiError> {
     let body = parse_body(&body)?;
     if body.key.as_ref().is_some_and(|k| *k != key) {
         return Err(ApiError::invalid("invalid_body", "the key cannot change"));
@@ -332,10 +301,11 @@ async fn remove(
     State(state): State<Arc<AppState>>,
     Path(key): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let membership = membership(&state)?;
     let store = state.store.clone();
     let wanted = key.clone();
     blocking(move || -> Result<(), ApiError> {
-        let segments = all(&store)?;
+        let mut segments = all(&store)?;
         if !segments.contains_key(&wanted) {
             return Err(not_found(&wanted));
         }
@@ -352,6 +322,9 @@ async fn remove(
             ));
         }
         store.put_segment::<Segment>(&wanted, None)?;
+        segments.remove(&wanted);
+        let stored: Vec<Segment> = segments.into_values().collect();
+        membership.segment_deleted(&stored, &wanted);
         Ok(())
     })
     .await?;
@@ -386,32 +359,32 @@ async fn members(
     Path(key): Path<String>,
     page: Result<Query<Page>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let identity = identity(&state)?;
+    let membership = membership(&state)?;
     let Query(page) = page.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
     let limit = limit(page.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let store = state.store.clone();
     let wanted = key.clone();
-    let found = blocking(move || -> Result<Option<Vec<String>>, StoreError> {
-        let Some(segment) = all(&store)?.remove(&wanted) else {
+    let engine = membership.clone();
+    let (members, total) = blocking(move || -> Result<Option<_>, StoreError> {
+        if !all(&store)?.contains_key(&wanted) {
             return Ok(None);
-        };
-        let members = members_of(&store, &identity, &segment.tree)?;
-        Ok(Some(members.into_iter().map(|p| p.id).collect()))
+        }
+        engine
+            .members(&wanted, page.after.as_deref(), limit)
+            .map(Some)
     })
     .await?
     .ok_or_else(|| not_found(&key))?;
-    let total = found.len();
-    let page: Vec<String> = found
-        .into_iter()
-        .filter(|id| page.after.as_ref().is_none_or(|after| id > after))
-        .take(limit)
-        .collect();
-    let next_after = (page.len() == limit)
-        .then(|| page.last().cloned())
+    let next_after = (members.len() == limit)
+        .then(|| members.last().cloned())
         .flatten();
-    Ok(Json(
-        json!({"segment": key, "total": total, "members": page, "next_after": next_after}),
-    ))
+    Ok(Json(json!({
+        "segment": key,
+        "progress": membership.progress(&key),
+        "total": total,
+        "members": members,
+        "next_after": next_after,
+    })))
 }
 
 /// One CSV field, quoted when it holds a comma, a quote or a line break.
@@ -427,35 +400,47 @@ async fn export(
     State(state): State<Arc<AppState>>,
     Path(key): Path<String>,
 ) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
+    let membership = membership(&state)?;
     let identity = identity(&state)?;
     let store = state.store.clone();
     let wanted = key.clone();
     let csv = blocking(move || -> Result<Option<String>, StoreError> {
-        let Some(segment) = all(&store)?.remove(&wanted) else {
+        if !all(&store)?.contains_key(&wanted) {
             return Ok(None);
-        };
+        }
         let mut out = String::from("profile_id,user_ids,emails,phones,traits\n");
-        for profile in members_of(&store, &identity, &segment.tree)? {
-            let of = |kind: &str| {
-                profile
-                    .identifiers
-                    .iter()
-                    .filter(|i| i.kind == kind)
-                    .map(|i| i.value.clone())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            };
-            let traits = Value::Object(profile.trait_values()).to_string();
-            let row = [
-                profile.id.clone(),
-                of("user_id"),
-                of("email"),
-                of("phone"),
-                traits,
-            ];
-            let fields: Vec<String> = row.iter().map(|f| csv_field(f)).collect();
-            out.push_str(&fields.join(","));
-            out.push('\n');
+        let mut after: Option<String> = None;
+        loop {
+            let (page, _) = membership.members(&wanted, after.as_deref(), MAX_LIMIT)?;
+            for id in &page {
+                let Some(profile) = identity.profile(id)? else {
+                    continue;
+                };
+                let of = |kind: &str| {
+                    profile
+                        .identifiers
+                        .iter()
+                        .filter(|i| i.kind == kind)
+                        .map(|i| i.value.clone())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                let traits = Value::Object(profile.trait_values()).to_string();
+                let row = [
+                    profile.id.clone(),
+                    of("user_id"),
+                    of("email"),
+                    of("phone"),
+                    traits,
+                ];
+                let fields: Vec<String> = row.iter().map(|f| csv_field(f)).collect();
+                out.push_str(&fields.join(","));
+                out.push('\n');
+            }
+            if page.len() < MAX_LIMIT {
+                break;
+            }
+            after = page.last().cloned();
         }
         Ok(Some(out))
     })
@@ -471,26 +456,50 @@ async fn profile_segments(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let membership = membership(&state)?;
     let identity = identity(&state)?;
-    let store = state.store.clone();
     let wanted = id.clone();
     let found = blocking(
-        move || -> Result<Option<(String, Vec<String>)>, StoreError> {
+        move || -> Result<Option<(String, BTreeSet<String>)>, StoreError> {
             let Some(profile) = identity.profile(&wanted)? else {
                 return Ok(None);
             };
-            let segments = all(&store)?;
-            let subject = subject(&store, &identity, &profile)?;
-            let now = Timestamp::now();
-            let keys = segments
-                .values()
-                .filter(|s| member(&s.tree, &subject, &segments, now, 0))
-                .map(|s| s.key.clone())
-                .collect();
-            Ok(Some((profile.id, keys)))
+            let segments = membership.segments_of(&profile.id)?;
+            Ok(Some((profile.id, segments)))
         },
     )
     .await?
     .ok_or_else(|| ApiError::NotFound(format!("no profile {id:?}")))?;
     Ok(Json(json!({"profile": found.0, "segments": found.1})))
+}
+
+/// The query of `GET /v1/membership-changes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangesQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+    segment: Option<String>,
+    profile_id: Option<String>,
+}
+
+async fn changes(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<ChangesQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let membership = membership(&state)?;
+    let Query(query) = query.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
+    let limit = limit(query.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let after = query.after.unwrap_or(0);
+    let found: Vec<MembershipChange> = blocking(move || {
+        membership.changes(
+            after,
+            limit,
+            query.segment.as_deref(),
+            query.profile_id.as_deref(),
+        )
+    })
+    .await?;
+    let next_after = found.last().map_or(after, |c| c.id);
+    Ok(Json(json!({"changes": found, "next_after": next_after})))
 }
