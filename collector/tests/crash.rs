@@ -1,8 +1,10 @@
 //! Kill -9 under load: the real `kith-collector` binary takes concurrent batches, is
 //! killed with SIGKILL at random moments and restarted on the same data; clients resend
 //! what was not acknowledged (as SDKs do). In the end every acknowledged `messageId` is
-//! stored exactly once, and (identity resolution on) each user's profile counts exactly
-//! its stored events. An import killed midway resumes at the next start and stores
+//! stored exactly once, (identity resolution on) each user's profile counts exactly
+//! its stored events, and each segment membership change was recorded exactly once:
+//! per profile and segment, enters and exits alternate and end in the membership the
+//! profile's final traits and events give. An import killed midway resumes at the next start and stores
 //! every row exactly once, its report counting each row once.
 
 use std::collections::{HashMap, HashSet};
@@ -56,10 +58,16 @@ fn client(id: usize, url: &RwLock<String>, acked: &Mutex<HashSet<String>>, stop:
         let ids: Vec<String> = (0..BATCH_EVENTS)
             .map(|i| format!("c{id}-b{batch_no}-e{i}"))
             .collect();
-        let body = json!({"batch": ids.iter().map(|m| json!({
-            "type": "track", "event": "Crash Test", "userId": format!("user-{id}"), "messageId": m
-        })).collect::<Vec<_>>()})
-        .to_string();
+        // Tracks, and one identify whose trait flips the "odd" segment's membership.
+        let mut events: Vec<Value> = ids[1..]
+            .iter()
+            .map(|m| json!({"type": "track", "event": "Crash Test", "userId": format!("user-{id}"), "messageId": m}))
+            .collect();
+        events.push(
+            json!({"type": "identify", "userId": format!("user-{id}"), "messageId": ids[0],
+                           "traits": {"parity": batch_no % 2}}),
+        );
+        let body = json!({ "batch": events }).to_string();
         // Resend the same batch until it is acknowledged, as an SDK would.
         loop {
             let target = format!("{}/v1/batch", url.read().expect("url lock"));
@@ -125,6 +133,52 @@ fn all_stored(http: &reqwest::blocking::Client, url: &str) -> Vec<Value> {
     }
 }
 
+/// A profile's membership changes alternate, enter first, and end in the membership its
+/// final traits and events give, which the profile's segments agree with.
+fn memberships_recorded_once(http: &reqwest::blocking::Client, url: &str, profile: &Value) {
+    let id = profile["id"].as_str().expect("profile id");
+    let get = |path: String| -> Value {
+        http.get(format!("{url}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .expect("sent")
+            .json()
+            .expect("json")
+    };
+    let segments = get(format!("/v1/profiles/{id}/segments"))["segments"].clone();
+    for (segment, expected) in [("odd", profile["traits"]["parity"] == 1), ("tested", true)] {
+        let changes = get(format!(
+            "/v1/membership-changes?segment={segment}&profile_id={id}&limit=1000"
+        ))["changes"]
+            .as_array()
+            .expect("changes")
+            .clone();
+        let kinds: Vec<&str> = changes
+            .iter()
+            .map(|c| c["type"].as_str().expect("type"))
+            .collect();
+        for (i, kind) in kinds.iter().enumerate() {
+            let want = if i % 2 == 0 { "entered" } else { "exited" };
+            assert_eq!(*kind, want, "{segment}/{id}: changes {kinds:?}");
+        }
+        assert_eq!(
+            kinds.len() % 2 == 1,
+            expected,
+            "{segment}/{id}: {kinds:?}, {profile}"
+        );
+        let listed = segments
+            .as_array()
+            .expect("segments")
+            .iter()
+            .any(|s| s == segment);
+        assert_eq!(listed, expected, "{segment}/{id}: {segments}");
+        if segment == "tested" {
+            assert_eq!(kinds, ["entered"], "{id} entered once");
+        }
+        println!("{id}: {} changes of {segment}", kinds.len());
+    }
+}
+
 #[test]
 fn every_acknowledged_event_survives_sigkill_exactly_once() {
     let seed = SystemTime::now()
@@ -136,6 +190,19 @@ fn every_acknowledged_event_survives_sigkill_exactly_once() {
     let mut rng = XorShift(seed);
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut child, first_url) = start(dir.path());
+    let http = reqwest::blocking::Client::new();
+    for (key, definition) in [
+        ("odd", "traits.parity = 1"),
+        ("tested", "count(event \"Crash Test\") >= 1"),
+    ] {
+        let created = http
+            .post(format!("{first_url}/v1/segments"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"key": key, "definition": definition}))
+            .send()
+            .expect("segment created");
+        assert_eq!(created.status(), 201);
+    }
     let url = Arc::new(RwLock::new(first_url));
     let acked = Arc::new(Mutex::new(HashSet::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -168,7 +235,6 @@ fn every_acknowledged_event_survives_sigkill_exactly_once() {
         client.join().expect("client thread");
     }
 
-    let http = reqwest::blocking::Client::new();
     let stored = all_stored(&http, &url.read().expect("lock"));
     let mut counts: HashMap<String, usize> = HashMap::new();
     for event in &stored {
@@ -209,6 +275,7 @@ fn every_acknowledged_event_survives_sigkill_exactly_once() {
             .json()
             .expect("json");
         assert_eq!(profile["events"], stored_for_user, "{user}: {profile}");
+        memberships_recorded_once(&http, &url.read().expect("lock"), &profile);
     }
     println!(
         "{} acknowledged, {} stored, each exactly once",
