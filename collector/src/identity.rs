@@ -360,6 +360,46 @@ impl Identity {
         self.read(|_, view| view.live_profiles())
     }
 
+    /// A page of live profile ids, in id order, after `after`.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure or an undecodable profile.
+    pub fn live_profile_ids(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = key(b'p', &[b""]);
+        let mut from = key(b'p', &[after.unwrap_or_default().as_bytes()]);
+        if after.is_some() {
+            from.push(0); // just after `after`
+        }
+        let mut ids = Vec::with_capacity(limit);
+        let mut next = from;
+        while ids.len() < limit {
+            let page = self
+                .store
+                .scan_from(Space::Identity, &prefix, &next, limit)?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            next = last.clone();
+            next.push(0);
+            let full = page.len() < limit;
+            for (_, value) in page {
+                let profile: Profile = serde_json::from_slice(&value)?;
+                if profile.merged_into.is_none() && ids.len() < limit {
+                    ids.push(profile.id);
+                }
+            }
+            if full {
+                break;
+            }
+        }
+        Ok(ids)
+    }
+
     /// The live profile holding an identifier.
     ///
     /// # Errors

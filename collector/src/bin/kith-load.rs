@@ -28,9 +28,17 @@
 //! over N generated profiles in memory (traits, identifier types, a few events each),
 //! against the same condition written by hand in Rust (the baseline).
 //!
+//! With `--membership-profiles N` it measures segments in the real collector (identity
+//! on): N profiles loaded through the pipeline, then a new segment computed for all of
+//! them in the background, against the evaluator alone over the same profiles in memory
+//! (the baseline); then, under a steady load (`--rate`, `--seconds`) of events that each
+//! move a profile into a segment, the latency from the event's receipt to its membership
+//! change, against the durable ingest latency of the same requests (the baseline).
+//!
 //! Run: `cargo run --release -p kith-collector --bin kith-load -- --events 500000`,
 //! `... -- --import-mb 200`, `... -- --stitch-identifiers 1000000`,
-//! `... -- --match-people 20000`, or `... -- --segment-profiles 1000000`.
+//! `... -- --match-people 20000`, `... -- --segment-profiles 1000000`, or
+//! `... -- --membership-profiles 1000000`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -69,6 +77,16 @@ struct Args {
     /// Measure a full evaluation of a segment over this many generated profiles.
     #[arg(long)]
     segment_profiles: Option<usize>,
+    /// Measure segments in the collector: computing a segment over this many profiles,
+    /// then event-to-membership-change latency under steady load.
+    #[arg(long)]
+    membership_profiles: Option<usize>,
+    /// The steady load of the latency measurement, in events per second.
+    #[arg(long, default_value_t = 1_000)]
+    rate: usize,
+    /// How long the steady load lasts, in seconds.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
 }
 
 /// One realistic analytics.js-style track event, about 600 bytes of JSON.
@@ -459,37 +477,44 @@ fn match_benchmark(people: usize) {
     );
 }
 
-fn segment_benchmark(profiles: usize) {
-    use std::collections::BTreeSet;
+/// A generated profile: traits, identifier types, `Order Completed` events.
+type Generated = (
+    serde_json::Map<String, Value>,
+    std::collections::BTreeSet<String>,
+    Vec<kith_segments::eval::EventRecord>,
+);
 
-    use kith_segments::eval::{EventRecord, Profile, evaluate};
+/// The segment the segment benchmarks evaluate.
+const SEGMENT: &str =
+    r#"traits.plan = "pro" and count(event "Order Completed" within 30d) >= 2 and has email"#;
 
-    let now: jiff::Timestamp = "2026-11-29T12:00:00Z".parse().expect("timestamp");
+/// `profiles` generated profiles: a plan, an age, an email on every other one, and up to
+/// three orders spread over 60 days before `now` (half a day off each day boundary, so
+/// that a 30-day window holds the same orders for hours).
+fn generated_profiles(profiles: usize, now: jiff::Timestamp) -> Vec<Generated> {
+    use kith_segments::eval::EventRecord;
+
     let day = jiff::SignedDuration::from_hours(24);
     let plans = ["free", "pro", "team"];
-    /// A generated profile: traits, identifier types, events.
-    type Generated = (
-        serde_json::Map<String, Value>,
-        BTreeSet<String>,
-        Vec<EventRecord>,
-    );
-    let data: Vec<Generated> = (0..profiles)
+    (0..profiles)
         .map(|i| {
             let traits = json!({"plan": plans[i % 3], "age": 18 + i % 60});
             let events = (0..(i % 4))
                 .map(|k| EventRecord {
                     name: "Order Completed".to_owned(),
-                    timestamp: now - day * ((i * 7 + k * 13) % 60) as i32,
+                    timestamp: now
+                        - day * ((i * 7 + k * 13) % 60) as i32
+                        - jiff::SignedDuration::from_hours(12),
                     properties: json!({"total": 10 + (i + k) % 90})
                         .as_object()
                         .cloned()
                         .unwrap_or_default(),
                 })
                 .collect();
-            let identifiers: BTreeSet<String> = if i % 2 == 0 {
+            let identifiers = if i % 2 == 0 {
                 ["email".to_owned()].into()
             } else {
-                BTreeSet::new()
+                std::collections::BTreeSet::new()
             };
             (
                 traits.as_object().cloned().unwrap_or_default(),
@@ -497,12 +522,36 @@ fn segment_benchmark(profiles: usize) {
                 events,
             )
         })
-        .collect();
-    let segments: BTreeSet<String> = BTreeSet::new();
-    let definition =
-        r#"traits.plan = "pro" and count(event "Order Completed" within 30d) >= 2 and has email"#;
-    let expr = kith_segments::parse(definition).expect("parses");
-    println!("kith-load: segment evaluation over {profiles} profiles: {definition}");
+        .collect()
+}
+
+/// The segment evaluator alone over `data`: members and seconds.
+fn evaluate_in_memory(data: &[Generated], now: jiff::Timestamp) -> (usize, Duration) {
+    use kith_segments::eval::{Profile, evaluate};
+
+    let segments = std::collections::BTreeSet::new();
+    let expr = kith_segments::parse(SEGMENT).expect("parses");
+    let started = Instant::now();
+    let members = data
+        .iter()
+        .filter(|(traits, identifiers, events)| {
+            let profile = Profile {
+                traits,
+                identifiers,
+                events,
+                segments: &segments,
+            };
+            evaluate(&expr, &profile, now)
+        })
+        .count();
+    (members, started.elapsed())
+}
+
+fn segment_benchmark(profiles: usize) {
+    let now: jiff::Timestamp = "2026-11-29T12:00:00Z".parse().expect("timestamp");
+    let day = jiff::SignedDuration::from_hours(24);
+    let data = generated_profiles(profiles, now);
+    println!("kith-load: segment evaluation over {profiles} profiles: {SEGMENT}");
 
     let started = Instant::now();
     let by_hand = data
@@ -522,21 +571,7 @@ fn segment_benchmark(profiles: usize) {
         })
         .count();
     let baseline = started.elapsed();
-
-    let started = Instant::now();
-    let members = data
-        .iter()
-        .filter(|(traits, identifiers, events)| {
-            let profile = Profile {
-                traits,
-                identifiers,
-                events,
-                segments: &segments,
-            };
-            evaluate(&expr, &profile, now)
-        })
-        .count();
-    let elapsed = started.elapsed();
+    let (members, elapsed) = evaluate_in_memory(&data, now);
     assert_eq!(
         members, by_hand,
         "the evaluator agrees with the hand-written condition"
@@ -551,6 +586,228 @@ fn segment_benchmark(profiles: usize) {
         profiles as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64() / baseline.as_secs_f64()
     );
+}
+
+/// An admin request to the collector; its JSON answer.
+fn admin(
+    http: &reqwest::blocking::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&Value>,
+) -> Value {
+    let mut request = http.request(method, url).bearer_auth(ADMIN_TOKEN);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    request
+        .send()
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.json())
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+/// Posts events in batches of 500 from 4 clients.
+fn send_events(http: &reqwest::blocking::Client, url: &str, events: &[Value]) {
+    let batches: Vec<&[Value]> = events.chunks(500).collect();
+    run_clients(4, batches.len(), events.len(), |i| {
+        http.post(format!("{url}/v1/batch"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!({"batch": batches[i]}))
+            .send()
+            .and_then(|r| r.error_for_status())
+            .expect("batch accepted");
+    });
+}
+
+/// Waits until a segment is computed for every profile.
+fn wait_ready(http: &reqwest::blocking::Client, url: &str, key: &str) {
+    loop {
+        let shown = admin(
+            http,
+            reqwest::Method::GET,
+            &format!("{url}/v1/segments/{key}"),
+            None,
+        );
+        if shown["progress"]["state"] == "ready" {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn membership_benchmark(collector: &std::path::Path, profiles: usize, rate: usize, seconds: u64) {
+    let now = jiff::Timestamp::now();
+    let data = generated_profiles(profiles, now);
+    println!("kith-load: segments in the collector, {profiles} profiles; segment: {SEGMENT}");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, url) = kith_collector::child::spawn(
+        collector,
+        dir.path(),
+        WRITE_KEY,
+        ADMIN_TOKEN,
+        &["--identity"],
+    )
+    .unwrap_or_else(|e| panic!("cannot start {}: {e}", collector.display()));
+    let http = reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .expect("client");
+
+    // The profiles, through the real pipeline (identity on).
+    let started = Instant::now();
+    let mut events = Vec::new();
+    for (i, (traits, identifiers, orders)) in data.iter().enumerate() {
+        let mut traits = traits.clone();
+        if identifiers.contains("email") {
+            traits.insert("email".to_owned(), json!(format!("person{i}@example.com")));
+        }
+        events.push(json!({"type": "identify", "userId": format!("u{i}"), "traits": traits}));
+        for order in orders {
+            events.push(json!({"type": "track", "userId": format!("u{i}"), "event": order.name,
+                               "timestamp": order.timestamp.to_string(), "properties": order.properties}));
+        }
+    }
+    let sent = events.len();
+    send_events(&http, &url, &events);
+    drop(events);
+    caught_up(&http, &url);
+    println!(
+        "loaded {sent} events into {profiles} profiles in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Full evaluation: a new segment computed for every profile in the background.
+    let (expected, in_memory) = evaluate_in_memory(&data, jiff::Timestamp::now());
+    drop(data);
+    let started = Instant::now();
+    admin(
+        &http,
+        reqwest::Method::POST,
+        &format!("{url}/v1/segments"),
+        Some(&json!({"key": "pro_buyers", "definition": SEGMENT})),
+    );
+    loop {
+        let shown = admin(
+            &http,
+            reqwest::Method::GET,
+            &format!("{url}/v1/segments/pro_buyers"),
+            None,
+        );
+        if shown["progress"]["state"] == "ready" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let computed = started.elapsed();
+    let members = admin(
+        &http,
+        reqwest::Method::GET,
+        &format!("{url}/v1/segments/pro_buyers/members?limit=1"),
+        None,
+    )["total"]
+        .as_u64()
+        .unwrap_or_default();
+    assert_eq!(
+        members as usize, expected,
+        "the collector agrees with the evaluator"
+    );
+    println!(
+        "baseline: the evaluator alone over the same profiles in memory: {:.3} s",
+        in_memory.as_secs_f64()
+    );
+    println!(
+        "collector, new segment computed for every profile: {:.1} s ({:.0} profiles/s), {members} members; ratio to the baseline {:.0}",
+        computed.as_secs_f64(),
+        profiles as f64 / computed.as_secs_f64(),
+        computed.as_secs_f64() / in_memory.as_secs_f64()
+    );
+
+    // Event to membership change under steady load: each event is a new visitor's
+    // first checkout, which enters "checkout".
+    admin(
+        &http,
+        reqwest::Method::POST,
+        &format!("{url}/v1/segments"),
+        Some(&json!({"key": "checkout", "definition": "count(event \"Checkout Started\") >= 1"})),
+    );
+    wait_ready(&http, &url, "checkout");
+    let per_tick = rate.div_ceil(100).max(1);
+    let ticks = seconds * 100;
+    let mut acks: Vec<Duration> = Vec::new();
+    let started = Instant::now();
+    let mut n = 0usize;
+    for tick in 0..ticks {
+        let due = started + Duration::from_millis(tick * 10);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let batch: Vec<Value> = (0..per_tick)
+            .map(|k| {
+                json!({"type": "track", "anonymousId": format!("visitor-{}", n + k),
+                            "event": "Checkout Started", "properties": {"total": 42}})
+            })
+            .collect();
+        n += per_tick;
+        let sent_at = Instant::now();
+        http.post(format!("{url}/v1/batch"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!({"batch": batch}))
+            .send()
+            .and_then(|r| r.error_for_status())
+            .expect("batch accepted");
+        acks.push(sent_at.elapsed());
+    }
+    let offered = n as f64 / started.elapsed().as_secs_f64();
+    caught_up(&http, &url);
+    let mut latencies: Vec<Duration> = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let page = admin(
+            &http,
+            reqwest::Method::GET,
+            &format!("{url}/v1/membership-changes?segment=checkout&after={after}&limit=1000"),
+            None,
+        );
+        let changes = page["changes"].as_array().cloned().unwrap_or_default();
+        if changes.is_empty() {
+            break;
+        }
+        for change in &changes {
+            let at: jiff::Timestamp = change["at"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .expect("at");
+            let received: jiff::Timestamp = change["event_received_at"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .expect("event_received_at");
+            latencies.push(Duration::try_from(at.duration_since(received)).unwrap_or_default());
+        }
+        after = page["next_after"].as_u64().expect("next_after");
+    }
+    let rss = peak_rss_mib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(latencies.len(), n, "one change per event");
+    latencies.sort();
+    acks.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "steady load: {n} events at {offered:.0} events/s for {seconds} s, {per_tick} per 10 ms batch"
+    );
+    println!(
+        "baseline: durable ingest (HTTP 200 after fsync) p50 {:.1} ms, p99 {:.1} ms",
+        ms(percentile(&acks, 0.5)),
+        ms(percentile(&acks, 0.99))
+    );
+    println!(
+        "event received to membership change recorded: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; ratio p99 / ingest p99 {:.1}",
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.99)),
+        ms(*latencies.last().expect("latencies")),
+        ms(percentile(&latencies, 0.99)) / ms(percentile(&acks, 0.99))
+    );
+    println!("collector peak RSS (VmHWM): {rss:.1} MiB");
 }
 
 fn main() {
@@ -573,6 +830,10 @@ fn main() {
     });
     if let Some(mb) = args.import_mb {
         import_benchmark(&collector, mb);
+        return;
+    }
+    if let Some(profiles) = args.membership_profiles {
+        membership_benchmark(&collector, profiles, args.rate, args.seconds);
         return;
     }
     println!(

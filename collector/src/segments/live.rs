@@ -39,8 +39,9 @@ use crate::pipeline::{Outcome, Stage};
 use crate::store::{Space, Store, StoredEvent, Writes};
 use crate::worker::Worker;
 
-/// Profiles re-evaluated per batch when a segment is computed for all of them.
-const BATCH: usize = 500;
+/// Profiles re-evaluated per batch when a segment is computed for all of them: small,
+/// so that the pipeline never waits long for a batch to let go.
+const BATCH: usize = 100;
 /// Timers handled per pass.
 const TIMERS_PER_PASS: usize = 1_000;
 /// The longest the background thread sleeps without looking at the timers.
@@ -623,22 +624,23 @@ impl Membership {
         else {
             return Ok(());
         };
-        let profiles: Vec<String> = self
-            .identity
-            .live_profiles()?
-            .into_iter()
-            .map(|p| p.id)
-            .collect();
-        let total = profiles.len();
-        for (i, batch) in profiles.chunks(BATCH).enumerate() {
+        let total = self.store.count(Space::Identity, b"p\0")?;
+        let mut done = 0;
+        let mut after: Option<String> = None;
+        loop {
             if !current() {
                 return Ok(());
             }
+            let batch = self.identity.live_profile_ids(after.as_deref(), BATCH)?;
+            let Some(last) = batch.last().cloned() else {
+                break;
+            };
+            done += batch.len();
             let updates = batch
-                .iter()
+                .into_iter()
                 .map(|profile| {
                     (
-                        profile.clone(),
+                        profile,
                         Update {
                             change: Change::segments([segment.to_owned()]),
                             cause: Some(Cause::Computed),
@@ -652,12 +654,14 @@ impl Membership {
                 self.apply(updates, &HashMap::new())?;
             }
             if let Some((_, progress)) = lock(&self.progress).get_mut(segment) {
-                progress.done = (i * BATCH + batch.len()).min(total);
-                progress.total = total;
+                progress.done = done;
+                progress.total = total.max(done);
             }
+            after = Some(last);
             // Timers keep firing while a large segment computes.
             while self.fire_timers()? {}
         }
+        let total = done;
         if current() {
             let mut writes = Writes::new();
             writes.insert(
