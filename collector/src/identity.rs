@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 
 use crate::error::StoreError;
 use crate::pipeline::{Outcome, Stage};
-use crate::store::{Entries, Space, Store, StoredEvent, Writes};
+use crate::store::{Entries, Space, Store, StoredEvent, Writes, space_key as key};
 
 /// A nonce for a change mark made by an admin operation.
 fn admin_nonce() -> String {
@@ -37,17 +37,6 @@ fn admin_nonce() -> String {
 
 /// The reason counted for events dropped because they carry an erased identifier.
 pub const SUPPRESSED: &str = "suppressed";
-
-fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
-    let mut key = vec![tag, 0];
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            key.push(0);
-        }
-        key.extend_from_slice(part);
-    }
-    key
-}
 
 fn id_bytes(id: &Identifier) -> Vec<u8> {
     id.to_string().into_bytes()

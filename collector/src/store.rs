@@ -124,6 +124,18 @@ pub enum Space {
     Membership,
 }
 
+/// A key of a [`Space`]: a one-byte tag, then the parts, each after a NUL.
+pub fn space_key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut key = vec![tag, 0];
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            key.push(0);
+        }
+        key.extend_from_slice(part);
+    }
+    key
+}
+
 /// Writes to a [`Space`], applied together ([`Store::apply`]); `None` removes.
 pub type Writes = std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 

@@ -686,18 +686,7 @@ fn membership_benchmark(collector: &std::path::Path, profiles: usize, rate: usiz
         &format!("{url}/v1/segments"),
         Some(&json!({"key": "pro_buyers", "definition": SEGMENT})),
     );
-    loop {
-        let shown = admin(
-            &http,
-            reqwest::Method::GET,
-            &format!("{url}/v1/segments/pro_buyers"),
-            None,
-        );
-        if shown["progress"]["state"] == "ready" {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_ready(&http, &url, "pro_buyers");
     let computed = started.elapsed();
     let members = admin(
         &http,

@@ -36,7 +36,7 @@ use super::Segment;
 use crate::error::StoreError;
 use crate::identity::Identity;
 use crate::pipeline::{Outcome, Stage};
-use crate::store::{Space, Store, StoredEvent, Writes};
+use crate::store::{Space, Store, StoredEvent, Writes, space_key as key};
 use crate::worker::Worker;
 
 /// Profiles re-evaluated per batch when a segment is computed for all of them: small,
@@ -46,17 +46,6 @@ const BATCH: usize = 100;
 const TIMERS_PER_PASS: usize = 1_000;
 /// The longest the background thread sleeps without looking at the timers.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
-
-fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
-    let mut key = vec![tag, 0];
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            key.push(0);
-        }
-        key.extend_from_slice(part);
-    }
-    key
-}
 
 fn timer_key(due: Timestamp, profile: &str) -> Vec<u8> {
     // Rounded up to the millisecond: a timer never fires before its moment.
@@ -490,25 +479,7 @@ impl Membership {
                 // Merged into another, or deleted.
                 _ => state.leave_all(),
             };
-            // A state that holds nothing is not kept.
-            let empty = state.segments.is_empty() && state.due.is_empty();
-            let state_key = key(b'p', &[profile_id.as_bytes()]);
-            if empty {
-                if before != State::default() {
-                    writes.insert(state_key, None);
-                }
-            } else if state != before {
-                writes.insert(state_key, Some(serde_json::to_vec(&state)?));
-            }
-            if before.next_due() != state.next_due() {
-                if let Some(due) = before.next_due() {
-                    writes.insert(timer_key(due, &profile_id), None);
-                }
-                if let Some(due) = state.next_due() {
-                    writes.insert(timer_key(due, &profile_id), Some(Vec::new()));
-                    timers_moved = true;
-                }
-            }
+            timers_moved |= write_state(&mut writes, &profile_id, &before, &state)?;
             for Transition { segment, entered } in transitions {
                 let member = key(b'i', &[segment.as_bytes(), profile_id.as_bytes()]);
                 writes.insert(member, entered.then(Vec::new));
@@ -695,24 +666,40 @@ impl Membership {
             let before = self.state(&profile)?;
             let mut state = before.clone();
             state.forget(segment);
-            let state_key = key(b'p', &[profile.as_bytes()]);
-            if state.segments.is_empty() && state.due.is_empty() {
-                writes.insert(state_key, None);
-            } else {
-                writes.insert(state_key, Some(serde_json::to_vec(&state)?));
-            }
-            if before.next_due() != state.next_due() {
-                if let Some(due) = before.next_due() {
-                    writes.insert(timer_key(due, &profile), None);
-                }
-                if let Some(due) = state.next_due() {
-                    writes.insert(timer_key(due, &profile), Some(Vec::new()));
-                }
-            }
+            write_state(&mut writes, &profile, &before, &state)?;
         }
         writes.insert(key(b'c', &[segment.as_bytes()]), None);
         self.store.apply(Space::Membership, writes)
     }
+}
+
+/// Writes a profile's new state (none when it holds nothing) and moves its timer;
+/// answers whether a timer was set.
+fn write_state(
+    writes: &mut Writes,
+    profile: &str,
+    before: &State,
+    state: &State,
+) -> Result<bool, StoreError> {
+    let state_key = key(b'p', &[profile.as_bytes()]);
+    if state.segments.is_empty() && state.due.is_empty() {
+        if *before != State::default() {
+            writes.insert(state_key, None);
+        }
+    } else if state != before {
+        writes.insert(state_key, Some(serde_json::to_vec(state)?));
+    }
+    if before.next_due() == state.next_due() {
+        return Ok(false);
+    }
+    if let Some(due) = before.next_due() {
+        writes.insert(timer_key(due, profile), None);
+    }
+    let set = state.next_due();
+    if let Some(due) = set {
+        writes.insert(timer_key(due, profile), Some(Vec::new()));
+    }
+    Ok(set.is_some())
 }
 
 fn timer_ms(key: &[u8], prefix: usize) -> u64 {
