@@ -39,6 +39,7 @@ pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .merge(crate::processing::api::routes())
         .merge(crate::profiles::routes())
         .merge(crate::segments::routes())
+        .merge(crate::activation::api::routes())
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 

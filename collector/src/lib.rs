@@ -6,6 +6,7 @@
 //! [`writer`] (group commit onto the durable log in [`store`]) → [`pipeline`] (stages:
 //! deduplicate, persist) → [`admin`] (queries, live tail, counters from [`stats`]).
 
+pub mod activation;
 pub mod admin;
 pub mod child;
 pub mod config;

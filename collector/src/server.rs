@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tower_http::cors::CorsLayer;
 
+use crate::activation::Activation;
 use crate::config::{Config, FileConfig};
 use crate::error::{ApiError, StoreError};
 use crate::identity::Identity;
@@ -68,6 +69,8 @@ pub struct AppState {
     pub identity: Option<Arc<Identity>>,
     /// Segment membership, kept current (with identity resolution).
     pub membership: Option<Arc<Membership>>,
+    /// Campaigns and the delivery outbox (with identity resolution).
+    pub activation: Option<Arc<Activation>>,
     sources: HashMap<String, Arc<str>>,
     shutdown: watch::Sender<bool>,
 }
@@ -246,6 +249,15 @@ impl Collector {
             stats.clone(),
             wake.clone(),
         )?);
+        let activation = match (&identity, &membership) {
+            (Some(identity), Some(membership)) => Some(Activation::start(
+                store.clone(),
+                identity.clone(),
+                membership.clone(),
+                writer.clone(),
+            )?),
+            _ => None,
+        };
         let importer = Arc::new(Importer::start(
             store.clone(),
             writer.clone(),
@@ -269,6 +281,7 @@ impl Collector {
             rules,
             identity,
             membership,
+            activation,
             sources: write_keys
                 .iter()
                 .map(|key| (key.value.clone(), Arc::from(source_id(&key.value))))
@@ -338,6 +351,10 @@ impl Collector {
     pub fn shutdown(&self) {
         self.state.begin_shutdown();
         self.watchers.stop();
+        // Activation writes timeline events through the writer: it stops first.
+        if let Some(activation) = &self.state.activation {
+            activation.close();
+        }
         self.state.writer.close();
         self.state.importer.close();
         self.wake.stop();
@@ -452,7 +469,13 @@ impl Running {
         self.shutdown()
     }
 
-    fn shutdown(&mut self) -> std::io::Result<()> {
+    /// Shuts down gracefully in place (later calls do nothing), so that a collector on
+    /// the same data directory can start.
+    ///
+    /// # Errors
+    ///
+    /// When serving failed.
+    pub fn shutdown(&mut self) -> std::io::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -113,6 +113,7 @@ pub struct Store {
     identity: Tree,
     segments: Tree,
     membership: Tree,
+    activation: Tree,
 }
 
 /// A tree whose keys and values belong to one module, which lays them out itself.
@@ -122,6 +123,8 @@ pub enum Space {
     Identity,
     /// Segment memberships, their history and timers ([`crate::segments::live`]).
     Membership,
+    /// Destinations, campaigns and the delivery outbox ([`crate::activation`]).
+    Activation,
 }
 
 /// A key of a [`Space`]: a one-byte tag, then the parts, each after a NUL.
@@ -197,6 +200,7 @@ impl Store {
             identity: db.open_tree("identity")?,
             segments: db.open_tree("segments")?,
             membership: db.open_tree("membership")?,
+            activation: db.open_tree("activation")?,
             db,
         })
     }
@@ -667,6 +671,7 @@ impl Store {
         match space {
             Space::Identity => &self.identity,
             Space::Membership => &self.membership,
+            Space::Activation => &self.activation,
         }
     }
 

@@ -44,6 +44,14 @@ impl Harness {
         }
     }
 
+    /// Stops the collector gracefully and starts a new one on the same data directory.
+    pub fn restart(&mut self, change: impl FnOnce(&mut Config)) {
+        self.collector.shutdown().expect("collector stops");
+        let mut config = config(self.dir.path());
+        change(&mut config);
+        self.collector = Running::start(&config).expect("collector restarts");
+    }
+
     /// A collector with identity resolution on.
     pub fn with_identity() -> Self {
         Self::start_with(|config| config.identity = true)

@@ -1,0 +1,317 @@
+//! The activation API (identity resolution must be on).
+//!
+//! - `GET /v1/destinations`, `POST /v1/destinations`
+//!   (`{"name", "type": "webhook", "url", "secret", "rate_per_sec"?, "max_attempts"?,
+//!   "retry_base_ms"?}`), `GET|DELETE /v1/destinations/{id}`. Secrets are never shown.
+//! - `GET /v1/campaigns`, `POST /v1/campaigns` (`{"name", "trigger": {"type":
+//!   "segment_entered" | "segment_exited", "segment"}, "destination", "template",
+//!   "frequency_cap"?: {"max", "per_secs"}, "consent_purpose"?}`),
+//!   `GET|DELETE /v1/campaigns/{id}`.
+//! - `GET /v1/deliveries?after=&limit=&state=&campaign=`: the outbox, oldest first;
+//!   `POST /v1/deliveries/replay` (`{"ids": [...]}`, or `{}` for every dead one).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use jiff::Timestamp;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    Activation, Campaign, Delivery, DeliveryState, Destination, FrequencyCap, Provider, Trigger,
+};
+use crate::admin::{blocking, limit};
+use crate::error::ApiError;
+use crate::server::AppState;
+
+/// Deliveries answered when no `limit` is given.
+const DEFAULT_LIMIT: usize = 100;
+/// The most deliveries one request answers.
+const MAX_LIMIT: usize = 1_000;
+
+/// The routes, to be put behind the admin check.
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route(
+            "/v1/destinations",
+            get(destinations).post(create_destination),
+        )
+        .route(
+            "/v1/destinations/{id}",
+            get(destination).delete(delete_destination),
+        )
+        .route("/v1/campaigns", get(campaigns).post(create_campaign))
+        .route("/v1/campaigns/{id}", get(campaign).delete(delete_campaign))
+        .route("/v1/deliveries", get(deliveries))
+        .route("/v1/deliveries/replay", post(replay))
+}
+
+fn activation(state: &AppState) -> Result<Arc<Activation>, ApiError> {
+    crate::profiles::identity(state)?;
+    state
+        .activation
+        .clone()
+        .ok_or_else(|| ApiError::Unavailable("activation is not running".to_owned()))
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::invalid("invalid_body", message)
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A destination as posted.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DestinationBody {
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: String,
+    url: Option<String>,
+    secret: Option<String>,
+    rate_per_sec: Option<f64>,
+    max_attempts: Option<u32>,
+    retry_base_ms: Option<u64>,
+}
+
+fn parse_destination(bytes: &[u8]) -> Result<Destination, ApiError> {
+    let body: DestinationBody =
+        serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+    let provider = match body.kind.as_str() {
+        "webhook" => {
+            let url = body
+                .url
+                .ok_or_else(|| invalid("a webhook needs a \"url\""))?;
+            let parsed =
+                reqwest::Url::parse(&url).map_err(|e| invalid(format!("\"url\" {url:?}: {e}")))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(invalid("a webhook \"url\" is http or https"));
+            }
+            let secret = body
+                .secret
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| invalid("a webhook needs a signing \"secret\""))?;
+            Provider::Webhook { url, secret }
+        }
+        other => {
+            return Err(invalid(format!(
+                "unknown destination type {other:?}: use \"webhook\""
+            )));
+        }
+    };
+    if body
+        .rate_per_sec
+        .is_some_and(|r| !(r > 0.0 && r.is_finite()))
+    {
+        return Err(invalid("\"rate_per_sec\" is a positive number"));
+    }
+    if body.max_attempts == Some(0) {
+        return Err(invalid("\"max_attempts\" is at least 1"));
+    }
+    let id = new_id("dst");
+    Ok(Destination {
+        name: body.name.unwrap_or_else(|| id.clone()),
+        id,
+        provider,
+        rate_per_sec: body.rate_per_sec,
+        max_attempts: body.max_attempts.unwrap_or_else(super::default_attempts),
+        retry_base_ms: body.retry_base_ms.unwrap_or_else(super::default_retry_ms),
+        created_at: Timestamp::now(),
+    })
+}
+
+async fn destinations(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let activation = activation(&state)?;
+    let found = blocking(move || activation.destinations()).await?;
+    let shown: Vec<Value> = found.iter().map(Destination::redacted).collect();
+    Ok(Json(json!({"destinations": shown})))
+}
+
+async fn destination(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let activation = activation(&state)?;
+    let wanted = id.clone();
+    let found = blocking(move || activation.destination(&wanted)).await?;
+    found
+        .map(|d| Json(d.redacted()))
+        .ok_or_else(|| ApiError::NotFound(format!("no destination {id:?}")))
+}
+
+async fn create_destination(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let activation = activation(&state)?;
+    let destination = parse_destination(&body)?;
+    let shown = destination.redacted();
+    blocking(move || activation.put_destination(&destination.id, Some(&destination))).await?;
+    Ok((StatusCode::CREATED, Json(shown)))
+}
+
+async fn delete_destination(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let activation = activation(&state)?;
+    let wanted = id.clone();
+    blocking(move || -> Result<(), ApiError> {
+        if activation.destination(&wanted)?.is_none() {
+            return Err(ApiError::NotFound(format!("no destination {wanted:?}")));
+        }
+        if let Some(user) = activation
+            .campaigns()?
+            .into_iter()
+            .find(|c| c.destination == wanted)
+        {
+            return Err(ApiError::invalid(
+                "destination_in_use",
+                format!("campaign {:?} sends to it; delete that one first", user.id),
+            ));
+        }
+        Ok(activation.put_destination(&wanted, None)?)
+    })
+    .await?;
+    Ok(Json(json!({"deleted": id})))
+}
+
+/// A campaign as posted.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CampaignBody {
+    name: Option<String>,
+    trigger: Trigger,
+    destination: String,
+    template: Value,
+    frequency_cap: Option<FrequencyCap>,
+    consent_purpose: Option<String>,
+}
+
+async fn campaigns(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let activation = activation(&state)?;
+    let found = blocking(move || activation.campaigns()).await?;
+    Ok(Json(json!({"campaigns": found})))
+}
+
+async fn campaign(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Campaign>, ApiError> {
+    let activation = activation(&state)?;
+    let wanted = id.clone();
+    let found = blocking(move || activation.campaign(&wanted)).await?;
+    found
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no campaign {id:?}")))
+}
+
+async fn create_campaign(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Campaign>), ApiError> {
+    let activation = activation(&state)?;
+    let body: CampaignBody = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
+    if body
+        .frequency_cap
+        .is_some_and(|c| c.max == 0 || c.per_secs == 0)
+    {
+        return Err(invalid(
+            "a \"frequency_cap\" has a \"max\" and \"per_secs\" of at least 1",
+        ));
+    }
+    let store = state.store.clone();
+    let campaign = blocking(move || -> Result<Campaign, ApiError> {
+        if activation.destination(&body.destination)?.is_none() {
+            return Err(ApiError::invalid(
+                "unknown_destination",
+                format!("no destination {:?}", body.destination),
+            ));
+        }
+        let segment = body.trigger.segment();
+        if !crate::segments::all(&store)?.contains_key(segment) {
+            return Err(ApiError::invalid(
+                "unknown_segment",
+                format!("no segment {segment:?}"),
+            ));
+        }
+        let id = new_id("cmp");
+        let campaign = Campaign {
+            name: body.name.unwrap_or_else(|| id.clone()),
+            id,
+            trigger: body.trigger,
+            destination: body.destination,
+            template: body.template,
+            frequency_cap: body.frequency_cap,
+            consent_purpose: body.consent_purpose,
+            created_at: Timestamp::now(),
+        };
+        activation.put_campaign(&campaign.id, Some(&campaign))?;
+        Ok(campaign)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(campaign)))
+}
+
+async fn delete_campaign(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let activation = activation(&state)?;
+    let wanted = id.clone();
+    blocking(move || -> Result<(), ApiError> {
+        if activation.campaign(&wanted)?.is_none() {
+            return Err(ApiError::NotFound(format!("no campaign {wanted:?}")));
+        }
+        Ok(activation.put_campaign(&wanted, None)?)
+    })
+    .await?;
+    Ok(Json(json!({"deleted": id})))
+}
+
+/// The query of `GET /v1/deliveries`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveriesQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+    state: Option<DeliveryState>,
+    campaign: Option<String>,
+}
+
+async fn deliveries(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<DeliveriesQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let activation = activation(&state)?;
+    let Query(query) = query.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
+    let limit = limit(query.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let after = query.after.unwrap_or(0);
+    let found: Vec<Delivery> = blocking(move || {
+        activation.deliveries(after, limit, query.state, query.campaign.as_deref())
+    })
+    .await?;
+    let next_after = found.last().map_or(after, |d| d.id);
+    Ok(Json(json!({"deliveries": found, "next_after": next_after})))
+}
+
+/// The body of a replay.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    ids: Option<Vec<u64>>,
+}
+
+async fn replay(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let activation = activation(&state)?;
+    let body: ReplayBody = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
+    let replayed = blocking(move || activation.replay(body.ids.as_deref())).await?;
+    Ok(Json(json!({"replayed": replayed})))
+}

@@ -1,0 +1,873 @@
+//! Activation: campaigns that turn segment membership changes into deliveries to
+//! destinations, through a durable outbox (identity resolution must be on).
+//!
+//! - A [`Destination`] is where deliveries go, with its credentials: today a webhook
+//!   (a JSON POST signed with HMAC-SHA256, see [`webhook`]).
+//! - A [`Campaign`] has a trigger (a profile entered or exited a segment), a destination,
+//!   a message template personalised with the profile's traits (`{{traits.first_name}}`),
+//!   an optional frequency cap per profile and an optional consent purpose.
+//! - The activation thread reads the membership changes after its stored cursor, and for
+//!   each campaign a change triggers writes a [`Delivery`] to the outbox, in the same
+//!   atomic batch as the cursor's advance: a restart neither loses nor repeats one. Each
+//!   delivery carries an idempotency key (campaign, change, destination) that the
+//!   receiver can deduplicate on, since delivery is at least once.
+//! - The same thread sends the deliveries that are due, one destination paced to its
+//!   `rate_per_sec`; a failure is retried with exponential backoff and jitter up to the
+//!   destination's `max_attempts`, then the delivery is dead (listed, and replayable).
+//!   An answer that cannot succeed on retry (a 4xx other than 408 and 429) makes it dead
+//!   at once. Each outcome lands in the profile's timeline as an event
+//!   (`Webhook Delivered`, `Webhook Failed`).
+//!
+//! Keys of the activation tree: `d\0{id}` → [`Destination`]; `c\0{id}` → [`Campaign`];
+//! `o\0{number}` → [`Delivery`]; `q\0{due ms}\0{number}` → a delivery waiting to be sent;
+//! `f\0{campaign}\0{profile}` → the times it was sent to that profile (frequency cap);
+//! `k` → the last membership change read; `n` → the last delivery number.
+
+pub mod api;
+pub mod webhook;
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use kith_identity::profile::Profile;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::error::StoreError;
+use crate::identity::Identity;
+use crate::segments::Membership;
+use crate::segments::live::{Kind, MembershipChange};
+use crate::store::{Space, Store, Writes, space_key as key};
+use crate::worker::Worker;
+use crate::writer::{Append, LogWriter};
+
+/// Membership changes read per pass.
+const CHANGES_PER_PASS: usize = 500;
+/// Deliveries sent per pass before new changes are read again.
+const SENDS_PER_PASS: usize = 200;
+/// The longest the thread sleeps without looking for new changes.
+const POLL: Duration = Duration::from_millis(20);
+/// The source recorded on the timeline events activation writes.
+const SOURCE: &str = "kith-activation";
+
+/// Where deliveries go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Destination {
+    /// Its id.
+    pub id: String,
+    /// A name for people.
+    pub name: String,
+    /// The provider and its credentials.
+    #[serde(flatten)]
+    pub provider: Provider,
+    /// The most deliveries per second (none: as fast as answers come).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_sec: Option<f64>,
+    /// Attempts before a delivery is dead.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// The first retry's delay, in milliseconds; each retry doubles it (up to an hour).
+    #[serde(default = "default_retry_ms")]
+    pub retry_base_ms: u64,
+    /// When it was created.
+    pub created_at: Timestamp,
+}
+
+fn default_attempts() -> u32 {
+    8
+}
+
+fn default_retry_ms() -> u64 {
+    1_000
+}
+
+/// A destination's provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Provider {
+    /// A JSON POST signed with HMAC-SHA256.
+    Webhook {
+        /// Where to POST.
+        url: String,
+        /// The signing secret.
+        secret: String,
+    },
+}
+
+impl Destination {
+    /// The destination as the API shows it: secrets replaced by a mark.
+    pub fn redacted(&self) -> Value {
+        let mut value = serde_json::to_value(self).unwrap_or(Value::Null);
+        if let Some(secret) = value.get_mut("secret") {
+            *secret = json!("(set)");
+        }
+        value
+    }
+}
+
+/// What starts a campaign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Trigger {
+    /// A profile entered the segment.
+    SegmentEntered {
+        /// The segment's key.
+        segment: String,
+    },
+    /// A profile left the segment.
+    SegmentExited {
+        /// The segment's key.
+        segment: String,
+    },
+}
+
+impl Trigger {
+    fn matches(&self, change: &MembershipChange) -> bool {
+        match self {
+            Trigger::SegmentEntered { segment } => {
+                change.kind == Kind::Entered && *segment == change.segment
+            }
+            Trigger::SegmentExited { segment } => {
+                change.kind == Kind::Exited && *segment == change.segment
+            }
+        }
+    }
+
+    /// The segment it watches.
+    pub fn segment(&self) -> &str {
+        match self {
+            Trigger::SegmentEntered { segment } | Trigger::SegmentExited { segment } => segment,
+        }
+    }
+}
+
+/// At most `max` deliveries of a campaign to one profile in `per_secs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrequencyCap {
+    /// Deliveries allowed in the window.
+    pub max: u32,
+    /// The window, in seconds.
+    pub per_secs: u64,
+}
+
+/// A campaign: a trigger, a destination and a message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Campaign {
+    /// Its id.
+    pub id: String,
+    /// A name for people.
+    pub name: String,
+    /// What starts it.
+    pub trigger: Trigger,
+    /// The destination's id.
+    pub destination: String,
+    /// The message: any JSON, whose strings may hold `{{traits.x}}`, `{{profile_id}}`
+    /// and `{{segment}}`.
+    pub template: Value,
+    /// A frequency cap per profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_cap: Option<FrequencyCap>,
+    /// The consent purpose the profile must have granted (`traits.consent.<purpose>`
+    /// is `true`), when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent_purpose: Option<String>,
+    /// When it was created.
+    pub created_at: Timestamp,
+}
+
+/// Where a delivery is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// Waiting to be sent (or retried).
+    Pending,
+    /// The destination took it.
+    Delivered,
+    /// It failed for good; replayable.
+    Dead,
+    /// Not sent: the frequency cap or missing consent.
+    Skipped,
+}
+
+/// One message to one destination for one profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Its number.
+    pub id: u64,
+    /// The same on every attempt: `{campaign}:{change}:{destination}`.
+    pub idempotency_key: String,
+    /// The campaign.
+    pub campaign: String,
+    /// The destination.
+    pub destination: String,
+    /// The profile.
+    pub profile_id: String,
+    /// The membership change that triggered it.
+    pub change: MembershipChange,
+    /// The rendered message.
+    pub message: Value,
+    /// Where it is.
+    pub state: DeliveryState,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why the last attempt failed, or why it was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it is next due (pending).
+    pub next_attempt_at: Timestamp,
+    /// When the destination took it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<Timestamp>,
+}
+
+/// What one attempt found.
+#[derive(Debug)]
+pub enum Attempt {
+    /// Taken.
+    Delivered,
+    /// Failed; worth retrying.
+    Retry(String),
+    /// Failed; retrying cannot help.
+    Fatal(String),
+}
+
+/// Replaces `{{traits.x}}`, `{{profile_id}}` and `{{segment}}` in every string of
+/// `template`; a missing trait renders as an empty string.
+pub fn render(
+    template: &Value,
+    traits: &Map<String, Value>,
+    profile: &str,
+    segment: &str,
+) -> Value {
+    match template {
+        Value::String(text) => {
+            let mut out = String::with_capacity(text.len());
+            let mut rest = text.as_str();
+            while let Some(start) = rest.find("{{") {
+                out.push_str(&rest[..start]);
+                let Some(end) = rest[start..].find("}}") else {
+                    out.push_str(&rest[start..]);
+                    rest = "";
+                    break;
+                };
+                let name = rest[start + 2..start + end].trim();
+                match name {
+                    "profile_id" => out.push_str(profile),
+                    "segment" => out.push_str(segment),
+                    _ => {
+                        let value = name.strip_prefix("traits.").and_then(|path| {
+                            let mut parts = path.split('.');
+                            let mut current = traits.get(parts.next()?)?;
+                            for part in parts {
+                                current = current.get(part)?;
+                            }
+                            Some(current)
+                        });
+                        match value {
+                            Some(Value::String(s)) => out.push_str(s),
+                            Some(Value::Null) | None => {}
+                            Some(other) => out.push_str(&other.to_string()),
+                        }
+                    }
+                }
+                rest = &rest[start + end + 2..];
+            }
+            out.push_str(rest);
+            Value::String(out)
+        }
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| render(v, traits, profile, segment))
+                .collect(),
+        ),
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(k, v)| (k.clone(), render(v, traits, profile, segment)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// The delay before retry number `attempt` (from 1): `base · 2^(attempt-1)`, capped at
+/// an hour, with full jitter from `noise` (any number: the low bits choose).
+fn backoff(base_ms: u64, attempt: u32, noise: u64) -> Duration {
+    let ceiling = base_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(20))
+        .min(3_600_000);
+    // Half fixed, half jitter: retries spread out but never come at once.
+    let half = ceiling / 2;
+    Duration::from_millis(half + noise % (half + 1))
+}
+
+fn ms(at: Timestamp) -> u64 {
+    u64::try_from(at.as_millisecond()).unwrap_or(0)
+}
+
+fn queue_key(due: Timestamp, id: u64) -> Vec<u8> {
+    key(b'q', &[&ms(due).to_be_bytes(), &id.to_be_bytes()])
+}
+
+fn number(store: &Store, name: &[u8]) -> Result<u64, StoreError> {
+    Ok(match store.get(Space::Activation, name)? {
+        Some(bytes) => u64::from_be_bytes(
+            bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("activation number".to_owned()))?,
+        ),
+        None => 0,
+    })
+}
+
+fn get_json<T: for<'de> Deserialize<'de>>(
+    store: &Store,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    store
+        .get(Space::Activation, key)?
+        .map(|v| serde_json::from_slice(&v).map_err(StoreError::from))
+        .transpose()
+}
+
+fn all_json<T: for<'de> Deserialize<'de>>(store: &Store, tag: u8) -> Result<Vec<T>, StoreError> {
+    store
+        .scan(Space::Activation, &key(tag, &[b""]))?
+        .into_iter()
+        .map(|(_, v)| serde_json::from_slice(&v).map_err(StoreError::from))
+        .collect()
+}
+
+/// The activation engine of a collector.
+#[derive(Debug)]
+pub struct Activation {
+    store: Arc<Store>,
+    identity: Arc<Identity>,
+    membership: Arc<Membership>,
+    writer: Arc<LogWriter>,
+    http: reqwest::blocking::Client,
+    /// Serialises outbox writes (the thread, replays from the API).
+    outbox: Mutex<()>,
+    /// When each destination may next send (pacing).
+    paced: Mutex<BTreeMap<String, Instant>>,
+    worker: Mutex<Option<Worker<()>>>,
+}
+
+impl Activation {
+    /// The engine, with its thread started.
+    ///
+    /// # Errors
+    ///
+    /// When the thread cannot start or the HTTP client cannot be built.
+    pub fn start(
+        store: Arc<Store>,
+        identity: Arc<Identity>,
+        membership: Arc<Membership>,
+        writer: Arc<LogWriter>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| StoreError::Start(format!("the activation HTTP client: {e}")))?;
+        let activation = Arc::new(Activation {
+            store,
+            identity,
+            membership,
+            writer,
+            http,
+            outbox: Mutex::new(()),
+            paced: Mutex::new(BTreeMap::new()),
+            worker: Mutex::new(None),
+        });
+        let engine = Arc::downgrade(&activation);
+        let worker = Worker::start("activation", Vec::new(), move |rx| run(&engine, &rx))?;
+        *activation
+            .worker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(worker);
+        Ok(activation)
+    }
+
+    /// Stops the thread after its current pass.
+    pub fn close(&self) {
+        let worker = self
+            .worker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(worker) = worker {
+            worker.close();
+        }
+    }
+
+    /// The destinations.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn destinations(&self) -> Result<Vec<Destination>, StoreError> {
+        all_json(&self.store, b'd')
+    }
+
+    /// One destination.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn destination(&self, id: &str) -> Result<Option<Destination>, StoreError> {
+        get_json(&self.store, &key(b'd', &[id.as_bytes()]))
+    }
+
+    /// Stores a destination (or removes it).
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn put_destination(&self, id: &str, value: Option<&Destination>) -> Result<(), StoreError> {
+        self.put(b'd', id, value)
+    }
+
+    /// The campaigns.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn campaigns(&self) -> Result<Vec<Campaign>, StoreError> {
+        all_json(&self.store, b'c')
+    }
+
+    /// One campaign.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn campaign(&self, id: &str) -> Result<Option<Campaign>, StoreError> {
+        get_json(&self.store, &key(b'c', &[id.as_bytes()]))
+    }
+
+    /// Stores a campaign (or removes it). A new campaign acts on membership changes
+    /// from now on, not on earlier ones.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn put_campaign(&self, id: &str, value: Option<&Campaign>) -> Result<(), StoreError> {
+        self.put(b'c', id, value)
+    }
+
+    fn put<T: Serialize>(&self, tag: u8, id: &str, value: Option<&T>) -> Result<(), StoreError> {
+        let mut writes = Writes::new();
+        writes.insert(
+            key(tag, &[id.as_bytes()]),
+            value.map(serde_json::to_vec).transpose()?,
+        );
+        self.store.apply(Space::Activation, writes)?;
+        self.store.flush()
+    }
+
+    /// Deliveries numbered after `after`, oldest first, at most `limit`, of a state and
+    /// a campaign when given.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn deliveries(
+        &self,
+        after: u64,
+        limit: usize,
+        state: Option<DeliveryState>,
+        campaign: Option<&str>,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let prefix = key(b'o', &[b""]);
+        let from = key(b'o', &[&after.saturating_add(1).to_be_bytes()]);
+        let mut found = Vec::new();
+        for (_, value) in self
+            .store
+            .scan_from(Space::Activation, &prefix, &from, usize::MAX)?
+        {
+            let delivery: Delivery = serde_json::from_slice(&value)?;
+            if state.is_none_or(|s| s == delivery.state)
+                && campaign.is_none_or(|c| c == delivery.campaign)
+            {
+                found.push(delivery);
+                if found.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Puts dead deliveries (these, or every dead one) back in the outbox, due now,
+    /// with their attempts reset; answers how many.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn replay(&self, ids: Option<&[u64]>) -> Result<usize, StoreError> {
+        let _outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
+        let dead: Vec<Delivery> = match ids {
+            Some(ids) => ids
+                .iter()
+                .filter_map(|id| {
+                    get_json::<Delivery>(&self.store, &key(b'o', &[&id.to_be_bytes()])).transpose()
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            None => self.deliveries(0, usize::MAX, Some(DeliveryState::Dead), None)?,
+        };
+        let now = Timestamp::now();
+        let mut writes = Writes::new();
+        let mut count = 0;
+        for mut delivery in dead {
+            if delivery.state != DeliveryState::Dead {
+                continue;
+            }
+            delivery.state = DeliveryState::Pending;
+            delivery.attempts = 0;
+            delivery.next_attempt_at = now;
+            writes.insert(queue_key(now, delivery.id), Some(Vec::new()));
+            writes.insert(
+                key(b'o', &[&delivery.id.to_be_bytes()]),
+                Some(serde_json::to_vec(&delivery)?),
+            );
+            count += 1;
+        }
+        self.store.apply(Space::Activation, writes)?;
+        self.store.flush()?;
+        Ok(count)
+    }
+
+    /// Reads new membership changes and writes the deliveries they trigger, with the
+    /// cursor, in one batch; answers whether there may be more.
+    fn dispatch(&self) -> Result<bool, StoreError> {
+        let cursor = number(&self.store, b"k")?;
+        let changes = self
+            .membership
+            .changes(cursor, CHANGES_PER_PASS, None, None)?;
+        let Some(last) = changes.last().map(|c| c.id) else {
+            return Ok(false);
+        };
+        let campaigns = self.campaigns()?;
+        let _outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = number(&self.store, b"n")?;
+        let mut writes = Writes::new();
+        let mut caps: BTreeMap<Vec<u8>, Vec<u64>> = BTreeMap::new();
+        let now = Timestamp::now();
+        for change in &changes {
+            for campaign in campaigns.iter().filter(|c| c.trigger.matches(change)) {
+                let profile = self.identity.profile(&change.profile_id)?;
+                let traits = profile
+                    .as_ref()
+                    .map(Profile::trait_values)
+                    .unwrap_or_default();
+                next += 1;
+                let mut delivery = Delivery {
+                    id: next,
+                    idempotency_key: format!(
+                        "{}:{}:{}",
+                        campaign.id, change.id, campaign.destination
+                    ),
+                    campaign: campaign.id.clone(),
+                    destination: campaign.destination.clone(),
+                    profile_id: change.profile_id.clone(),
+                    change: change.clone(),
+                    message: render(
+                        &campaign.template,
+                        &traits,
+                        &change.profile_id,
+                        &change.segment,
+                    ),
+                    state: DeliveryState::Pending,
+                    attempts: 0,
+                    last_error: None,
+                    created_at: now,
+                    next_attempt_at: now,
+                    delivered_at: None,
+                };
+                let consented = campaign.consent_purpose.as_ref().is_none_or(|purpose| {
+                    traits
+                        .get("consent")
+                        .and_then(|c| c.get(purpose))
+                        .and_then(Value::as_bool)
+                        == Some(true)
+                });
+                let cap_key = key(
+                    b'f',
+                    &[campaign.id.as_bytes(), change.profile_id.as_bytes()],
+                );
+                if !caps.contains_key(&cap_key) {
+                    let sent: Vec<u64> = get_json(&self.store, &cap_key)?.unwrap_or_default();
+                    caps.insert(cap_key.clone(), sent);
+                }
+                let sent = caps.entry(cap_key).or_default();
+                if let Some(cap) = campaign.frequency_cap {
+                    let since = ms(now).saturating_sub(cap.per_secs.saturating_mul(1_000));
+                    sent.retain(|t| *t > since);
+                }
+                let capped = campaign
+                    .frequency_cap
+                    .is_some_and(|cap| sent.len() >= cap.max as usize);
+                if !consented {
+                    delivery.state = DeliveryState::Skipped;
+                    delivery.last_error = Some("no consent for the campaign's purpose".to_owned());
+                } else if capped {
+                    delivery.state = DeliveryState::Skipped;
+                    delivery.last_error = Some("frequency cap reached".to_owned());
+                } else {
+                    if campaign.frequency_cap.is_some() {
+                        sent.push(ms(now));
+                    }
+                    writes.insert(queue_key(now, next), Some(Vec::new()));
+                }
+                writes.insert(
+                    key(b'o', &[&next.to_be_bytes()]),
+                    Some(serde_json::to_vec(&delivery)?),
+                );
+            }
+        }
+        for (cap_key, sent) in caps {
+            writes.insert(cap_key, Some(serde_json::to_vec(&sent)?));
+        }
+        writes.insert(b"n".to_vec(), Some(next.to_be_bytes().to_vec()));
+        writes.insert(b"k".to_vec(), Some(last.to_be_bytes().to_vec()));
+        self.store.apply(Space::Activation, writes)?;
+        self.store.flush()?;
+        Ok(changes.len() == CHANGES_PER_PASS)
+    }
+
+    /// Sends the deliveries that are due; answers whether more are due.
+    fn send_due(&self) -> Result<bool, StoreError> {
+        let prefix = key(b'q', &[b""]);
+        let now_ms = ms(Timestamp::now());
+        let due: Vec<Vec<u8>> = self
+            .store
+            .scan_from(Space::Activation, &prefix, &prefix, SENDS_PER_PASS)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .take_while(|k| {
+                k.get(prefix.len()..prefix.len() + 8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .is_some_and(|b| u64::from_be_bytes(b) <= now_ms)
+            })
+            .collect();
+        let more = due.len() == SENDS_PER_PASS;
+        let mut destinations: BTreeMap<String, Option<Destination>> = BTreeMap::new();
+        for queued in due {
+            let Some(id) = queued
+                .get(prefix.len() + 9..)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+            else {
+                continue;
+            };
+            let delivery_key = key(b'o', &[&id.to_be_bytes()]);
+            let Some(mut delivery) = get_json::<Delivery>(&self.store, &delivery_key)? else {
+                self.remove_queued(queued)?;
+                continue;
+            };
+            if !destinations.contains_key(&delivery.destination) {
+                let found = self.destination(&delivery.destination)?;
+                destinations.insert(delivery.destination.clone(), found);
+            }
+            let destination = destinations.get(&delivery.destination).cloned().flatten();
+            let attempt = match &destination {
+                None => Attempt::Fatal(format!("no destination {:?}", delivery.destination)),
+                Some(destination) => {
+                    self.pace(destination);
+                    self.attempt(destination, &delivery)
+                }
+            };
+            delivery.attempts += 1;
+            let now = Timestamp::now();
+            let mut writes = Writes::new();
+            writes.insert(queued, None);
+            let outcome = match attempt {
+                Attempt::Delivered => {
+                    delivery.state = DeliveryState::Delivered;
+                    delivery.delivered_at = Some(now);
+                    delivery.last_error = None;
+                    Some("Delivered")
+                }
+                Attempt::Retry(why)
+                    if delivery.attempts < destination.as_ref().map_or(1, |d| d.max_attempts) =>
+                {
+                    let base = destination.as_ref().map_or(1_000, |d| d.retry_base_ms);
+                    let wait = backoff(base, delivery.attempts, now.as_nanosecond() as u64);
+                    delivery.next_attempt_at = now
+                        .checked_add(jiff::SignedDuration::try_from(wait).unwrap_or_default())
+                        .unwrap_or(now);
+                    delivery.last_error = Some(why);
+                    writes.insert(queue_key(delivery.next_attempt_at, id), Some(Vec::new()));
+                    None
+                }
+                Attempt::Retry(why) | Attempt::Fatal(why) => {
+                    delivery.state = DeliveryState::Dead;
+                    delivery.last_error = Some(why);
+                    Some("Failed")
+                }
+            };
+            writes.insert(delivery_key, Some(serde_json::to_vec(&delivery)?));
+            {
+                let _outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
+                self.store.apply(Space::Activation, writes)?;
+                self.store.flush()?;
+            }
+            if let (Some(outcome), Some(destination)) = (outcome, &destination) {
+                self.record(&delivery, destination, outcome);
+            }
+        }
+        Ok(more)
+    }
+
+    fn remove_queued(&self, queued: Vec<u8>) -> Result<(), StoreError> {
+        let mut writes = Writes::new();
+        writes.insert(queued, None);
+        self.store.apply(Space::Activation, writes)
+    }
+
+    /// Waits until the destination may send again.
+    fn pace(&self, destination: &Destination) {
+        let Some(rate) = destination.rate_per_sec.filter(|r| *r > 0.0) else {
+            return;
+        };
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let wait = {
+            let mut paced = self.paced.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            let slot = paced.get(&destination.id).copied().unwrap_or(now).max(now);
+            paced.insert(destination.id.clone(), slot + interval);
+            slot - now
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+
+    fn attempt(&self, destination: &Destination, delivery: &Delivery) -> Attempt {
+        match &destination.provider {
+            Provider::Webhook { url, secret } => webhook::send(&self.http, url, secret, delivery),
+        }
+    }
+
+    /// Writes the outcome to the profile's timeline as an event (best effort: the
+    /// delivery's own record is what counts).
+    fn record(&self, delivery: &Delivery, destination: &Destination, outcome: &str) {
+        let kind = match destination.provider {
+            Provider::Webhook { .. } => "Webhook",
+        };
+        let profile = match self.identity.profile(&delivery.profile_id) {
+            Ok(Some(profile)) => profile,
+            _ => return,
+        };
+        let identity = profile
+            .identifiers
+            .iter()
+            .find(|i| i.kind == "user_id")
+            .map(|i| ("userId", i.value.clone()))
+            .or_else(|| {
+                profile
+                    .identifiers
+                    .iter()
+                    .find(|i| i.kind == "anonymous_id")
+                    .map(|i| ("anonymousId", i.value.clone()))
+            });
+        let Some((field, value)) = identity else {
+            return;
+        };
+        let mut event = json!({
+            "type": "track",
+            "event": format!("{kind} {outcome}"),
+            "messageId": format!("kith-delivery-{}-{}", delivery.id, outcome.to_lowercase()),
+            "properties": {
+                "delivery_id": delivery.id,
+                "campaign": delivery.campaign,
+                "destination": delivery.destination,
+                "attempts": delivery.attempts,
+                "error": delivery.last_error,
+            },
+        });
+        event[field] = Value::String(value);
+        let appended = serde_json::from_value(event)
+            .map_err(|e| e.to_string())
+            .and_then(|message| {
+                crate::ingest::accept_imported(message, Timestamp::now()).map_err(|(_, why)| why)
+            })
+            .and_then(|encoded| {
+                self.writer
+                    .append_blocking(Append {
+                        source: Arc::from(SOURCE),
+                        events: vec![encoded],
+                        received: 1,
+                        rejected: Vec::new(),
+                    })
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(error) = appended {
+            tracing::warn!(delivery = delivery.id, %error, "the delivery's timeline event was not written");
+        }
+    }
+}
+
+/// The activation thread: new changes into the outbox, due deliveries out.
+fn run(engine: &Weak<Activation>, rx: &Receiver<()>) {
+    loop {
+        match rx.recv_timeout(POLL) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let Some(activation) = engine.upgrade() else {
+            return;
+        };
+        let pass = (|| -> Result<(), StoreError> {
+            while activation.dispatch()? {}
+            while activation.send_due()? {}
+            Ok(())
+        })();
+        if let Err(error) = pass {
+            tracing::error!(%error, "an activation pass failed; retrying");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_take_traits_profile_and_segment() {
+        let traits = json!({"first_name": "Ann", "address": {"city": "Lyon"}, "age": 34})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let template = json!({
+            "title": "Hi {{ traits.first_name }}!",
+            "body": ["{{traits.address.city}} {{traits.age}} {{traits.missing}}", 3],
+            "who": "{{profile_id}} in {{segment}}", "broken": "{{traits.first_name"
+        });
+        assert_eq!(
+            render(&template, &traits, "prf_1", "pro"),
+            json!({"title": "Hi Ann!", "body": ["Lyon 34 ", 3], "who": "prf_1 in pro",
+                   "broken": "{{traits.first_name"})
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_a_ceiling() {
+        for attempt in 1..=5 {
+            let ceiling = 1_000u64 << (attempt - 1);
+            for noise in [0, 7, u64::MAX] {
+                let wait = backoff(1_000, attempt, noise).as_millis() as u64;
+                assert!(wait >= ceiling / 2 && wait <= ceiling, "{attempt}: {wait}");
+            }
+        }
+        assert!(backoff(1_000, 40, 0) <= Duration::from_secs(3_600));
+    }
+}

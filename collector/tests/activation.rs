@@ -1,0 +1,425 @@
+//! Activation through real HTTP to a local webhook receiver that checks what it gets:
+//! the HMAC-SHA256 signature (computed here with the `hmac` crate from the secret), the
+//! idempotency key, the personalised message. Events move profiles into segments;
+//! campaigns deliver once, retry failures with backoff, go dead on a permanent error
+//! and are replayed; consent and frequency caps skip; a restart with deliveries pending
+//! loses none and delivers none twice; bad destinations and campaigns get clear errors.
+
+mod common;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use common::{Harness, error_code, eventually};
+use hmac::{Hmac, Mac};
+use reqwest::Method;
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+const SECRET: &str = "whsec-test-secret";
+
+/// One request the receiver took.
+#[derive(Debug, Clone)]
+struct Received {
+    key: String,
+    body: Value,
+    answered: u16,
+}
+
+#[derive(Default)]
+struct Inbox {
+    received: Vec<Received>,
+    /// Statuses to answer next (then 200).
+    plan: VecDeque<u16>,
+    /// Requests whose signature did not verify.
+    forged: usize,
+}
+
+/// A webhook receiver on 127.0.0.1, port 0, on its own thread and runtime.
+struct Receiver {
+    addr: SocketAddr,
+    inbox: Arc<Mutex<Inbox>>,
+}
+
+fn verify(headers: &HeaderMap, body: &[u8]) -> bool {
+    let Some(signature) = headers.get("kith-signature").and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let mut t = None;
+    let mut v1 = None;
+    for part in signature.split(',') {
+        match part.split_once('=') {
+            Some(("t", value)) => t = value.parse::<i64>().ok(),
+            Some(("v1", value)) => v1 = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+    let (Some(t), Some(v1)) = (t, v1) else {
+        return false;
+    };
+    let now = jiff::Timestamp::now().as_second();
+    if (now - t).abs() > 300 {
+        return false;
+    }
+    let Ok(expected) = (0..v1.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(v1.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<Vec<u8>, _>>()
+    else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("key");
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    mac.verify_slice(&expected).is_ok()
+}
+
+async fn take(
+    State(inbox): State<Arc<Mutex<Inbox>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let mut inbox = inbox.lock().expect("inbox");
+    if !verify(&headers, &body) {
+        inbox.forged += 1;
+        return StatusCode::UNAUTHORIZED;
+    }
+    let answered = inbox.plan.pop_front().unwrap_or(200);
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    inbox.received.push(Received {
+        key,
+        body,
+        answered,
+    });
+    StatusCode::from_u16(answered).expect("status")
+}
+
+impl Receiver {
+    fn start() -> Self {
+        let inbox = Arc::new(Mutex::new(Inbox::default()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(take))
+            .with_state(inbox.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                axum::serve(listener, app).await.expect("serve");
+            });
+        });
+        Receiver { addr, inbox }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    fn plan(&self, statuses: &[u16]) {
+        self.inbox.lock().expect("inbox").plan = statuses.iter().copied().collect();
+    }
+
+    fn received(&self) -> Vec<Received> {
+        let inbox = self.inbox.lock().expect("inbox");
+        assert_eq!(inbox.forged, 0, "a request's signature did not verify");
+        inbox.received.clone()
+    }
+}
+
+fn create(h: &Harness, path: &str, body: Value) -> Value {
+    let response = h.admin_send(Method::POST, path, &body);
+    assert_eq!(response.status(), 201, "{path} {body}");
+    response.json().expect("json")
+}
+
+fn deliveries(h: &Harness, query: &str) -> Vec<Value> {
+    let body: Value = h
+        .admin_get(&format!("/v1/deliveries?{query}"))
+        .json()
+        .expect("json");
+    body["deliveries"].as_array().expect("deliveries").clone()
+}
+
+/// A segment, a webhook destination to `receiver` and a campaign on entering the segment.
+fn campaign(h: &Harness, receiver: &Receiver, extra: Value) -> (String, String) {
+    let segment_exists = h.admin_get("/v1/segments/pro").status() == 200;
+    if !segment_exists {
+        create(
+            h,
+            "/v1/segments",
+            json!({"key": "pro", "definition": "traits.plan = \"pro\""}),
+        );
+    }
+    let destination = create(
+        h,
+        "/v1/destinations",
+        json!({"name": "CRM", "type": "webhook", "url": receiver.url(), "secret": SECRET,
+               "retry_base_ms": 20, "max_attempts": 4}),
+    );
+    assert_eq!(destination["secret"], "(set)", "secrets are not shown");
+    let destination = destination["id"].as_str().expect("id").to_owned();
+    let mut body = json!({
+        "name": "Welcome",
+        "trigger": {"type": "segment_entered", "segment": "pro"},
+        "destination": destination,
+        "template": {"title": "Welcome {{traits.first_name}}", "body": "You are in {{segment}}"}
+    });
+    if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
+        body.extend(extra);
+    }
+    let campaign = create(h, "/v1/campaigns", body);
+    (destination, campaign["id"].as_str().expect("id").to_owned())
+}
+
+#[test]
+fn a_segment_entry_is_delivered_once_signed_retried_and_on_the_timeline() {
+    let h = Harness::with_identity();
+    let receiver = Receiver::start();
+    receiver.plan(&[500, 503]);
+    let (_, campaign_id) = campaign(&h, &receiver, json!({}));
+
+    h.send_batch(json!([{"type": "identify", "userId": "ann",
+                         "traits": {"plan": "pro", "first_name": "Ann"}}]));
+    let delivered = eventually("the delivery", || {
+        let found = deliveries(&h, "state=delivered");
+        (!found.is_empty()).then_some(found)
+    });
+    assert_eq!(delivered.len(), 1);
+    let delivery = &delivered[0];
+    assert_eq!(
+        delivery["attempts"], 3,
+        "two failures, then taken: {delivery}"
+    );
+    assert_eq!(delivery["campaign"], campaign_id.as_str());
+
+    let received = receiver.received();
+    assert_eq!(received.len(), 3);
+    let key = delivery["idempotency_key"].as_str().expect("key");
+    assert!(
+        received.iter().all(|r| r.key == key),
+        "one key on every attempt"
+    );
+    assert_eq!(
+        received.iter().map(|r| r.answered).collect::<Vec<_>>(),
+        [500, 503, 200]
+    );
+    let body = &received[2].body;
+    assert_eq!(
+        body["message"],
+        json!({"title": "Welcome Ann", "body": "You are in pro"})
+    );
+    assert_eq!(body["type"], "entered");
+    assert_eq!(body["segment"], "pro");
+
+    // The outcome is in the profile's timeline.
+    let profile = body["profile_id"].as_str().expect("profile");
+    eventually("the timeline event", || {
+        let events: Value = h
+            .admin_get(&format!("/v1/profiles/{profile}/events"))
+            .json()
+            .ok()?;
+        events["events"]
+            .as_array()?
+            .iter()
+            .any(|e| e["message"]["event"] == "Webhook Delivered")
+            .then_some(())
+    });
+
+    // More events that do not move ann into the segment again send nothing more.
+    h.send_batch(json!([{"type": "identify", "userId": "ann", "traits": {"city": "Lyon"}}]));
+    assert_eq!(deliveries(&h, "").len(), 1);
+    assert_eq!(receiver.received().len(), 3);
+}
+
+#[test]
+fn permanent_failures_go_dead_and_are_replayed_consent_and_caps_skip() {
+    let h = Harness::with_identity();
+    let receiver = Receiver::start();
+    receiver.plan(&[400]);
+    let (_, capped) = campaign(
+        &h,
+        &receiver,
+        json!({"frequency_cap": {"max": 1, "per_secs": 3600}}),
+    );
+    let (_, consented) = campaign(&h, &receiver, json!({"consent_purpose": "marketing"}));
+
+    h.send_batch(json!([{"type": "identify", "userId": "bo", "traits": {"plan": "pro"}}]));
+    let dead = eventually("a dead delivery", || {
+        let found = deliveries(&h, "state=dead");
+        (!found.is_empty()).then_some(found)
+    });
+    assert_eq!(dead.len(), 1, "a 400 is not retried");
+    assert_eq!(dead[0]["attempts"], 1);
+    assert_eq!(dead[0]["campaign"], capped.as_str());
+    let skipped = deliveries(&h, "state=skipped");
+    assert_eq!(skipped.len(), 1, "no consent for marketing");
+    assert_eq!(skipped[0]["campaign"], consented.as_str());
+
+    let replayed: Value = h
+        .admin_send(Method::POST, "/v1/deliveries/replay", &json!({}))
+        .json()
+        .expect("json");
+    assert_eq!(replayed["replayed"], 1);
+    eventually("the replayed delivery", || {
+        (deliveries(&h, "state=delivered").len() == 1).then_some(())
+    });
+
+    // Out and in again within the hour: the capped campaign skips, the consented one
+    // (consent granted now) sends.
+    h.send_batch(json!([{"type": "identify", "userId": "bo", "traits": {"plan": "free"}}]));
+    h.send_batch(json!([{"type": "identify", "userId": "bo",
+                         "traits": {"plan": "pro", "consent": {"marketing": true}}}]));
+    eventually("the consented delivery", || {
+        (deliveries(&h, "state=delivered").len() == 2).then_some(())
+    });
+    let skipped = deliveries(&h, "state=skipped");
+    assert_eq!(skipped.len(), 2);
+    assert_eq!(skipped[1]["campaign"], capped.as_str());
+    assert!(
+        skipped[1]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("frequency cap"))
+    );
+}
+
+#[test]
+fn a_restart_with_deliveries_pending_loses_none_and_repeats_none() {
+    let mut h = Harness::with_identity();
+    let receiver = Receiver::start();
+    receiver.plan(&[503; 10_000]);
+    campaign(&h, &receiver, json!({}));
+    let users: Vec<Value> = (0..20)
+        .map(|i| json!({"type": "identify", "userId": format!("user-{i}"), "traits": {"plan": "pro"}}))
+        .collect();
+    h.send_batch(Value::Array(users));
+    eventually("20 deliveries in the outbox", || {
+        (deliveries(&h, "state=pending").len() == 20).then_some(())
+    });
+
+    h.restart(|config| config.identity = true);
+    receiver.plan(&[]);
+    eventually("every delivery taken", || {
+        (deliveries(&h, "state=delivered").len() == 20).then_some(())
+    });
+    let mut taken: BTreeMap<String, usize> = BTreeMap::new();
+    for r in receiver.received() {
+        if r.answered == 200 {
+            *taken.entry(r.key).or_default() += 1;
+        }
+    }
+    assert_eq!(taken.len(), 20, "one delivery per profile");
+    assert!(
+        taken.values().all(|n| *n == 1),
+        "none taken twice: {taken:?}"
+    );
+    assert_eq!(deliveries(&h, "").len(), 20, "none created twice");
+}
+
+#[test]
+fn bad_destinations_and_campaigns_get_clear_errors() {
+    let h = Harness::with_identity();
+    let receiver = Receiver::start();
+    for (body, code) in [
+        (json!({"type": "carrier-pigeon"}), "invalid_body"),
+        (json!({"type": "webhook", "secret": "s"}), "invalid_body"),
+        (
+            json!({"type": "webhook", "url": "ftp://x", "secret": "s"}),
+            "invalid_body",
+        ),
+        (
+            json!({"type": "webhook", "url": "not a url", "secret": "s"}),
+            "invalid_body",
+        ),
+        (
+            json!({"type": "webhook", "url": receiver.url()}),
+            "invalid_body",
+        ),
+        (
+            json!({"type": "webhook", "url": receiver.url(), "secret": "s", "colour": 1}),
+            "invalid_body",
+        ),
+        (
+            json!({"type": "webhook", "url": receiver.url(), "secret": "s", "max_attempts": 0}),
+            "invalid_body",
+        ),
+    ] {
+        assert_eq!(
+            error_code(h.admin_send(Method::POST, "/v1/destinations", &body)),
+            (400, code.to_owned()),
+            "{body}"
+        );
+    }
+    let (destination, campaign_id) = campaign(&h, &receiver, json!({}));
+    for (body, code) in [
+        (
+            json!({"trigger": {"type": "segment_entered", "segment": "nope"}, "destination": destination, "template": {}}),
+            "unknown_segment",
+        ),
+        (
+            json!({"trigger": {"type": "segment_entered", "segment": "pro"}, "destination": "dst_nope", "template": {}}),
+            "unknown_destination",
+        ),
+        (
+            json!({"trigger": {"type": "sometimes", "segment": "pro"}, "destination": destination, "template": {}}),
+            "invalid_body",
+        ),
+        (
+            json!({"trigger": {"type": "segment_exited", "segment": "pro"}, "destination": destination}),
+            "invalid_body",
+        ),
+        (
+            json!({"trigger": {"type": "segment_exited", "segment": "pro"}, "destination": destination, "template": {},
+                "frequency_cap": {"max": 0, "per_secs": 1}}),
+            "invalid_body",
+        ),
+    ] {
+        assert_eq!(
+            error_code(h.admin_send(Method::POST, "/v1/campaigns", &body)),
+            (400, code.to_owned()),
+            "{body}"
+        );
+    }
+    let delete = |path: &str| {
+        h.http
+            .delete(h.url(path))
+            .bearer_auth(common::ADMIN_TOKEN)
+            .send()
+            .expect("sent")
+    };
+    assert_eq!(
+        error_code(delete(&format!("/v1/destinations/{destination}"))),
+        (400, "destination_in_use".to_owned())
+    );
+    assert_eq!(
+        delete(&format!("/v1/campaigns/{campaign_id}")).status(),
+        200
+    );
+    assert_eq!(
+        delete(&format!("/v1/destinations/{destination}")).status(),
+        200
+    );
+    assert_eq!(
+        error_code(h.admin_get(&format!("/v1/destinations/{destination}"))),
+        (404, "not_found".to_owned())
+    );
+    assert_eq!(
+        error_code(h.admin_get("/v1/deliveries?state=lost")),
+        (400, "invalid_query".to_owned())
+    );
+    let without = Harness::start();
+    assert_eq!(error_code(without.admin_get("/v1/campaigns")).0, 404);
+}
