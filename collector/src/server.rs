@@ -237,13 +237,6 @@ impl Collector {
             }
             None => None,
         };
-        if let (Some(identity), Some(membership)) = (&identity, &membership) {
-            stages.push(Box::new(identity.stage()));
-            stages.push(Box::new(membership.stage()));
-        }
-        let pipeline = Pipeline::new(store.clone(), stats.clone(), stages, live.clone())
-            .start(wake.clone())
-            .map_err(|e| StoreError::Start(format!("the pipeline: {e}")))?;
         let writer = Arc::new(LogWriter::start(
             store.clone(),
             stats.clone(),
@@ -258,6 +251,18 @@ impl Collector {
             )?),
             _ => None,
         };
+        if let (Some(identity), Some(membership), Some(activation)) =
+            (&identity, &membership, &activation)
+        {
+            // Tokens are kept before memberships move, so that a campaign the same
+            // chunk triggers finds the token its events brought.
+            stages.push(Box::new(identity.stage()));
+            stages.push(Box::new(activation.stage()));
+            stages.push(Box::new(membership.stage()));
+        }
+        let pipeline = Pipeline::new(store.clone(), stats.clone(), stages, live.clone())
+            .start(wake.clone())
+            .map_err(|e| StoreError::Start(format!("the pipeline: {e}")))?;
         let importer = Arc::new(Importer::start(
             store.clone(),
             writer.clone(),

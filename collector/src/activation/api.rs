@@ -1,8 +1,12 @@
 //! The activation API (identity resolution must be on).
 //!
-//! - `GET /v1/destinations`, `POST /v1/destinations`
-//!   (`{"name", "type": "webhook", "url", "secret", "rate_per_sec"?, "max_attempts"?,
-//!   "retry_base_ms"?}`), `GET|DELETE /v1/destinations/{id}`. Secrets are never shown.
+//! - `GET /v1/destinations`, `POST /v1/destinations`, `GET|DELETE /v1/destinations/{id}`.
+//!   A destination is `{"name", "type", ..., "rate_per_sec"?, "max_attempts"?,
+//!   "retry_base_ms"?}` with, per type: `webhook`: `url`, `secret`; `fcm`:
+//!   `service_account` (the key file's JSON), `base_url`?; `apns`: `team_id`, `key_id`,
+//!   `private_key` (the `.p8` PEM), `topic`, `base_url`?, `ca_certificate`?; `web_push`:
+//!   `vapid_private_key`, `subject`. Secrets are never shown; a Web Push destination
+//!   shows its `vapid_public_key` (the `applicationServerKey` browsers subscribe with).
 //! - `GET /v1/campaigns`, `POST /v1/campaigns` (`{"name", "trigger": {"type":
 //!   "segment_entered" | "segment_exited", "segment"}, "destination", "template",
 //!   "frequency_cap"?: {"max", "per_secs"}, "consent_purpose"?}`),
@@ -22,8 +26,11 @@ use jiff::Timestamp;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use p256::pkcs8::DecodePrivateKey as _;
+
 use super::{
     Activation, Campaign, Delivery, DeliveryState, Destination, FrequencyCap, Provider, Trigger,
+    push,
 };
 use crate::admin::{blocking, limit};
 use crate::error::ApiError;
@@ -76,33 +83,103 @@ struct DestinationBody {
     kind: String,
     url: Option<String>,
     secret: Option<String>,
+    service_account: Option<Value>,
+    base_url: Option<String>,
+    team_id: Option<String>,
+    key_id: Option<String>,
+    private_key: Option<String>,
+    topic: Option<String>,
+    ca_certificate: Option<String>,
+    vapid_private_key: Option<String>,
+    subject: Option<String>,
     rate_per_sec: Option<f64>,
     max_attempts: Option<u32>,
     retry_base_ms: Option<u64>,
 }
 
+/// An http or https URL.
+fn http_url(url: &str, what: &str) -> Result<String, ApiError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| invalid(format!("{what:?} {url:?}: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(invalid(format!("{what:?} is an http or https URL")));
+    }
+    Ok(url.to_owned())
+}
+
 fn parse_destination(bytes: &[u8]) -> Result<Destination, ApiError> {
     let body: DestinationBody =
         serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+    let required = |value: Option<String>, what: &str| {
+        value
+            .filter(|v| !v.trim().is_empty())
+            .ok_or_else(|| invalid(format!("a {} destination needs {what:?}", body.kind)))
+    };
+    let base_url = body
+        .base_url
+        .clone()
+        .map(|url| http_url(&url, "base_url"))
+        .transpose()?;
     let provider = match body.kind.as_str() {
-        "webhook" => {
-            let url = body
-                .url
-                .ok_or_else(|| invalid("a webhook needs a \"url\""))?;
-            let parsed =
-                reqwest::Url::parse(&url).map_err(|e| invalid(format!("\"url\" {url:?}: {e}")))?;
-            if !matches!(parsed.scheme(), "http" | "https") {
-                return Err(invalid("a webhook \"url\" is http or https"));
+        "webhook" => Provider::Webhook {
+            url: http_url(&required(body.url.clone(), "url")?, "url")?,
+            secret: required(body.secret.clone(), "secret")?,
+        },
+        "fcm" => {
+            let account: Result<push::ServiceAccount, _> = match body.service_account.clone() {
+                Some(Value::String(text)) => serde_json::from_str(&text),
+                Some(value) => serde_json::from_value(value),
+                None => return Err(invalid("a fcm destination needs \"service_account\"")),
+            };
+            let account = account.map_err(|e| invalid(format!("\"service_account\": {e}")))?;
+            rsa::RsaPrivateKey::from_pkcs8_pem(&account.private_key).map_err(|e| {
+                invalid(format!(
+                    "the service account's private_key is not an RSA PKCS#8 PEM key: {e}"
+                ))
+            })?;
+            http_url(&account.token_uri, "service_account.token_uri")?;
+            Provider::Fcm {
+                service_account: account,
+                base_url,
             }
-            let secret = body
-                .secret
-                .filter(|s| !s.is_empty())
-                .ok_or_else(|| invalid("a webhook needs a signing \"secret\""))?;
-            Provider::Webhook { url, secret }
+        }
+        "apns" => {
+            let key = push::ApnsKey {
+                team_id: required(body.team_id.clone(), "team_id")?,
+                key_id: required(body.key_id.clone(), "key_id")?,
+                private_key: required(body.private_key.clone(), "private_key")?,
+            };
+            p256::ecdsa::SigningKey::from_pkcs8_pem(&key.private_key).map_err(|e| {
+                invalid(format!(
+                    "private_key is not a P-256 PKCS#8 PEM key (.p8): {e}"
+                ))
+            })?;
+            if let Some(pem) = &body.ca_certificate {
+                reqwest::Certificate::from_pem(pem.as_bytes())
+                    .map_err(|e| invalid(format!("\"ca_certificate\": {e}")))?;
+            }
+            Provider::Apns {
+                key,
+                topic: required(body.topic.clone(), "topic")?,
+                base_url,
+                ca_certificate: body.ca_certificate.clone(),
+            }
+        }
+        "web_push" => {
+            let vapid = required(body.vapid_private_key.clone(), "vapid_private_key")?;
+            push::vapid_key(&vapid)
+                .map_err(|e| invalid(format!("\"vapid_private_key\" is not a P-256 key: {e}")))?;
+            let subject = required(body.subject.clone(), "subject")?;
+            if !(subject.starts_with("mailto:") || subject.starts_with("https:")) {
+                return Err(invalid("\"subject\" is a mailto: or https: contact"));
+            }
+            Provider::WebPush {
+                vapid_private_key: vapid,
+                subject,
+            }
         }
         other => {
             return Err(invalid(format!(
-                "unknown destination type {other:?}: use \"webhook\""
+                "unknown destination type {other:?}: use webhook, fcm, apns or web_push"
             )));
         }
     };

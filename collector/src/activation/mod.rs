@@ -24,6 +24,7 @@
 //! `k` → the last membership change read; `n` → the last delivery number.
 
 pub mod api;
+pub mod push;
 pub mod webhook;
 
 use std::collections::BTreeMap;
@@ -95,14 +96,69 @@ pub enum Provider {
         /// The signing secret.
         secret: String,
     },
+    /// Firebase Cloud Messaging, HTTP v1, to `fcm` tokens.
+    Fcm {
+        /// The service-account key file's fields.
+        service_account: push::ServiceAccount,
+        /// FCM's base URL (default [`push::FCM_BASE`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base_url: Option<String>,
+    },
+    /// Apple Push Notification service, token-based, to `apns` tokens.
+    Apns {
+        /// The signing key.
+        #[serde(flatten)]
+        key: push::ApnsKey,
+        /// The app's bundle id (`apns-topic`).
+        topic: String,
+        /// APNs' base URL (default [`push::APNS_BASE`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base_url: Option<String>,
+        /// A PEM root certificate to trust besides the system's (a private APNs proxy).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_certificate: Option<String>,
+    },
+    /// Web Push (RFC 8291 and RFC 8292) to `webpush` subscriptions.
+    WebPush {
+        /// The VAPID private key (base64url scalar or PKCS#8 PEM).
+        vapid_private_key: String,
+        /// The VAPID `sub`: `mailto:` or `https:` contact.
+        subject: String,
+    },
+}
+
+impl Provider {
+    /// The push provider whose tokens it sends to, if it is a push provider.
+    pub fn push_provider(&self) -> Option<&'static str> {
+        match self {
+            Provider::Webhook { .. } => None,
+            Provider::Fcm { .. } => Some("fcm"),
+            Provider::Apns { .. } => Some("apns"),
+            Provider::WebPush { .. } => Some("webpush"),
+        }
+    }
 }
 
 impl Destination {
     /// The destination as the API shows it: secrets replaced by a mark.
     pub fn redacted(&self) -> Value {
         let mut value = serde_json::to_value(self).unwrap_or(Value::Null);
-        if let Some(secret) = value.get_mut("secret") {
-            *secret = json!("(set)");
+        for secret in [
+            "/secret",
+            "/private_key",
+            "/vapid_private_key",
+            "/service_account/private_key",
+        ] {
+            if let Some(found) = value.pointer_mut(secret) {
+                *found = json!("(set)");
+            }
+        }
+        if let Provider::WebPush {
+            vapid_private_key, ..
+        } = &self.provider
+            && let Ok(key) = push::vapid_key(vapid_private_key)
+        {
+            value["vapid_public_key"] = json!(push::vapid_public(&key));
         }
         value
     }
@@ -208,6 +264,9 @@ pub struct Delivery {
     pub profile_id: String,
     /// The membership change that triggered it.
     pub change: MembershipChange,
+    /// The push token or subscription it goes to (push destinations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     /// The rendered message.
     pub message: Value,
     /// Where it is.
@@ -235,6 +294,8 @@ pub enum Attempt {
     Retry(String),
     /// Failed; retrying cannot help.
     Fatal(String),
+    /// The provider says the push token is gone: it is removed from the profile.
+    Gone(String),
 }
 
 /// Replaces `{{traits.x}}`, `{{profile_id}}` and `{{segment}}` in every string of
@@ -358,6 +419,10 @@ pub struct Activation {
     outbox: Mutex<()>,
     /// When each destination may next send (pacing).
     paced: Mutex<BTreeMap<String, Instant>>,
+    /// FCM access tokens and APNs provider tokens.
+    credentials: push::Credentials,
+    /// HTTP/2 clients for APNs destinations, by destination.
+    apns_clients: Mutex<BTreeMap<String, reqwest::blocking::Client>>,
     worker: Mutex<Option<Worker<()>>>,
 }
 
@@ -385,6 +450,8 @@ impl Activation {
             http,
             outbox: Mutex::new(()),
             paced: Mutex::new(BTreeMap::new()),
+            credentials: push::Credentials::default(),
+            apns_clients: Mutex::new(BTreeMap::new()),
             worker: Mutex::new(None),
         });
         let engine = Arc::downgrade(&activation);
@@ -556,6 +623,11 @@ impl Activation {
             return Ok(false);
         };
         let campaigns = self.campaigns()?;
+        let destinations: BTreeMap<String, Destination> = self
+            .destinations()?
+            .into_iter()
+            .map(|d| (d.id.clone(), d))
+            .collect();
         let _outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
         let mut next = number(&self.store, b"n")?;
         let mut writes = Writes::new();
@@ -568,30 +640,12 @@ impl Activation {
                     .as_ref()
                     .map(Profile::trait_values)
                     .unwrap_or_default();
-                next += 1;
-                let mut delivery = Delivery {
-                    id: next,
-                    idempotency_key: format!(
-                        "{}:{}:{}",
-                        campaign.id, change.id, campaign.destination
-                    ),
-                    campaign: campaign.id.clone(),
-                    destination: campaign.destination.clone(),
-                    profile_id: change.profile_id.clone(),
-                    change: change.clone(),
-                    message: render(
-                        &campaign.template,
-                        &traits,
-                        &change.profile_id,
-                        &change.segment,
-                    ),
-                    state: DeliveryState::Pending,
-                    attempts: 0,
-                    last_error: None,
-                    created_at: now,
-                    next_attempt_at: now,
-                    delivered_at: None,
-                };
+                let message = render(
+                    &campaign.template,
+                    &traits,
+                    &change.profile_id,
+                    &change.segment,
+                );
                 let consented = campaign.consent_purpose.as_ref().is_none_or(|purpose| {
                     traits
                         .get("consent")
@@ -615,22 +669,73 @@ impl Activation {
                 let capped = campaign
                     .frequency_cap
                     .is_some_and(|cap| sent.len() >= cap.max as usize);
-                if !consented {
-                    delivery.state = DeliveryState::Skipped;
-                    delivery.last_error = Some("no consent for the campaign's purpose".to_owned());
-                } else if capped {
-                    delivery.state = DeliveryState::Skipped;
-                    delivery.last_error = Some("frequency cap reached".to_owned());
-                } else {
-                    if campaign.frequency_cap.is_some() {
-                        sent.push(ms(now));
+                let provider = destinations
+                    .get(&campaign.destination)
+                    .and_then(|d| d.provider.push_provider());
+                let targets: Vec<Option<String>> = match provider {
+                    None => vec![None],
+                    Some(provider) => {
+                        let tokens = self.tokens(&change.profile_id, provider)?;
+                        if tokens.is_empty() {
+                            vec![None]
+                        } else {
+                            tokens.into_iter().map(Some).collect()
+                        }
                     }
-                    writes.insert(queue_key(now, next), Some(Vec::new()));
+                };
+                let skipped = if !consented {
+                    Some("no consent for the campaign's purpose")
+                } else if capped {
+                    Some("frequency cap reached")
+                } else if provider.is_some() && targets == [None] {
+                    Some("the profile has no push token for this destination")
+                } else {
+                    None
+                };
+                if skipped.is_none() && campaign.frequency_cap.is_some() {
+                    sent.push(ms(now));
                 }
-                writes.insert(
-                    key(b'o', &[&next.to_be_bytes()]),
-                    Some(serde_json::to_vec(&delivery)?),
-                );
+                for target in targets {
+                    next += 1;
+                    let mut idempotency_key =
+                        format!("{}:{}:{}", campaign.id, change.id, campaign.destination);
+                    if let Some(target) = &target {
+                        let digest = sha2::Digest::finalize(
+                            <sha2::Sha256 as sha2::Digest>::new_with_prefix(target.as_bytes()),
+                        );
+                        let short: String =
+                            digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+                        idempotency_key.push(':');
+                        idempotency_key.push_str(&short);
+                    }
+                    let delivery = Delivery {
+                        id: next,
+                        idempotency_key,
+                        campaign: campaign.id.clone(),
+                        destination: campaign.destination.clone(),
+                        profile_id: change.profile_id.clone(),
+                        change: change.clone(),
+                        target,
+                        message: message.clone(),
+                        state: if skipped.is_some() {
+                            DeliveryState::Skipped
+                        } else {
+                            DeliveryState::Pending
+                        },
+                        attempts: 0,
+                        last_error: skipped.map(str::to_owned),
+                        created_at: now,
+                        next_attempt_at: now,
+                        delivered_at: None,
+                    };
+                    if skipped.is_none() {
+                        writes.insert(queue_key(now, next), Some(Vec::new()));
+                    }
+                    writes.insert(
+                        key(b'o', &[&next.to_be_bytes()]),
+                        Some(serde_json::to_vec(&delivery)?),
+                    );
+                }
             }
         }
         for (cap_key, sent) in caps {
@@ -641,6 +746,50 @@ impl Activation {
         self.store.apply(Space::Activation, writes)?;
         self.store.flush()?;
         Ok(changes.len() == CHANGES_PER_PASS)
+    }
+
+    /// The push tokens of a live profile for a provider: its own and those of the
+    /// profiles merged into it.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn tokens(&self, profile: &str, provider: &str) -> Result<Vec<String>, StoreError> {
+        let mut owners = vec![profile.to_owned()];
+        for merge in self.identity.merges(profile)? {
+            if merge.survivor == profile && !merge.undone {
+                owners.push(merge.merged);
+            }
+        }
+        let mut tokens = Vec::new();
+        for owner in owners {
+            let prefix = key(b't', &[owner.as_bytes(), provider.as_bytes(), b""]);
+            for (k, _) in self.store.scan(Space::Activation, &prefix)? {
+                tokens.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+            }
+        }
+        tokens.sort();
+        tokens.dedup();
+        Ok(tokens)
+    }
+
+    /// Removes a token the provider said is gone, from every profile holding it.
+    fn retire(&self, profile: &str, provider: &str, token: &str) -> Result<(), StoreError> {
+        let mut owners = vec![profile.to_owned()];
+        for merge in self.identity.merges(profile)? {
+            owners.push(merge.merged);
+        }
+        let mut writes = Writes::new();
+        for owner in owners {
+            writes.insert(
+                key(
+                    b't',
+                    &[owner.as_bytes(), provider.as_bytes(), token.as_bytes()],
+                ),
+                None,
+            );
+        }
+        self.store.apply(Space::Activation, writes)
     }
 
     /// Sends the deliveries that are due; answers whether more are due.
@@ -708,6 +857,19 @@ impl Activation {
                     writes.insert(queue_key(delivery.next_attempt_at, id), Some(Vec::new()));
                     None
                 }
+                Attempt::Gone(why) => {
+                    if let (Some(target), Some(provider)) = (
+                        &delivery.target,
+                        destination
+                            .as_ref()
+                            .and_then(|d| d.provider.push_provider()),
+                    ) {
+                        self.retire(&delivery.profile_id, provider, target)?;
+                    }
+                    delivery.state = DeliveryState::Dead;
+                    delivery.last_error = Some(format!("{why}; the token was removed"));
+                    Some("Failed")
+                }
                 Attempt::Retry(why) | Attempt::Fatal(why) => {
                     delivery.state = DeliveryState::Dead;
                     delivery.last_error = Some(why);
@@ -752,16 +914,98 @@ impl Activation {
     }
 
     fn attempt(&self, destination: &Destination, delivery: &Delivery) -> Attempt {
+        let target = delivery.target.as_deref().unwrap_or_default();
+        let notification = push::Notification::of(&delivery.message);
         match &destination.provider {
             Provider::Webhook { url, secret } => webhook::send(&self.http, url, secret, delivery),
+            Provider::Fcm {
+                service_account,
+                base_url,
+            } => push::fcm_send(
+                &self.http,
+                &self.credentials,
+                &destination.id,
+                service_account,
+                base_url.as_deref().unwrap_or(push::FCM_BASE),
+                target,
+                &notification,
+            ),
+            Provider::Apns {
+                key,
+                topic,
+                base_url,
+                ca_certificate,
+            } => {
+                let client = match self.apns_client(&destination.id, ca_certificate.as_deref()) {
+                    Ok(client) => client,
+                    Err(why) => return Attempt::Fatal(why),
+                };
+                // The same apns-id on every attempt, derived from the idempotency key.
+                let digest =
+                    <sha2::Sha256 as sha2::Digest>::digest(delivery.idempotency_key.as_bytes());
+                let mut bytes = [0u8; 16];
+                bytes.copy_from_slice(&digest[..16]);
+                let apns_id = uuid::Builder::from_custom_bytes(bytes).into_uuid();
+                push::apns_send(
+                    &client,
+                    &self.credentials,
+                    &destination.id,
+                    key,
+                    base_url.as_deref().unwrap_or(push::APNS_BASE),
+                    topic,
+                    target,
+                    &notification,
+                    &apns_id.to_string(),
+                )
+            }
+            Provider::WebPush {
+                vapid_private_key,
+                subject,
+            } => push::web_push_send(
+                &self.http,
+                vapid_private_key,
+                subject,
+                target,
+                &delivery.message,
+            ),
         }
+    }
+
+    /// The HTTP/2 client of an APNs destination (trusting its extra root, if any).
+    fn apns_client(
+        &self,
+        destination: &str,
+        ca_certificate: Option<&str>,
+    ) -> Result<reqwest::blocking::Client, String> {
+        let mut clients = self
+            .apns_clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(client) = clients.get(destination) {
+            return Ok(client.clone());
+        }
+        let mut builder = reqwest::blocking::Client::builder()
+            .http2_prior_knowledge()
+            .timeout(Duration::from_secs(10));
+        if let Some(pem) = ca_certificate {
+            let certificate = reqwest::Certificate::from_pem(pem.as_bytes())
+                .map_err(|e| format!("the destination's ca_certificate: {e}"))?;
+            builder = builder.add_root_certificate(certificate);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| format!("the APNs client: {e}"))?;
+        clients.insert(destination.to_owned(), client.clone());
+        Ok(client)
     }
 
     /// Writes the outcome to the profile's timeline as an event (best effort: the
     /// delivery's own record is what counts).
     fn record(&self, delivery: &Delivery, destination: &Destination, outcome: &str) {
-        let kind = match destination.provider {
-            Provider::Webhook { .. } => "Webhook",
+        let event = match (&destination.provider, outcome) {
+            (Provider::Webhook { .. }, _) => format!("Webhook {outcome}"),
+            (_, "Delivered") => "Push Sent".to_owned(),
+            (_, _) => "Push Failed".to_owned(),
         };
         let profile = match self.identity.profile(&delivery.profile_id) {
             Ok(Some(profile)) => profile,
@@ -784,7 +1028,7 @@ impl Activation {
         };
         let mut event = json!({
             "type": "track",
-            "event": format!("{kind} {outcome}"),
+            "event": event,
             "messageId": format!("kith-delivery-{}-{}", delivery.id, outcome.to_lowercase()),
             "properties": {
                 "delivery_id": delivery.id,
@@ -792,6 +1036,7 @@ impl Activation {
                 "destination": delivery.destination,
                 "attempts": delivery.attempts,
                 "error": delivery.last_error,
+                "provider": destination.provider.push_provider(),
             },
         });
         event[field] = Value::String(value);
@@ -813,6 +1058,85 @@ impl Activation {
         if let Err(error) = appended {
             tracing::warn!(delivery = delivery.id, %error, "the delivery's timeline event was not written");
         }
+    }
+}
+
+/// The activation pipeline stage, after identity and before segments: keeps the push tokens events carry
+/// (`context.device.token`, with `context.device.tokenProvider`, else `apns` for an
+/// iOS device and `fcm` otherwise: what Segment's mobile libraries send) on the event's
+/// profile.
+#[derive(Debug)]
+pub struct Tokens {
+    activation: Arc<Activation>,
+    seen: Mutex<Writes>,
+}
+
+impl Activation {
+    /// The pipeline stage.
+    pub fn stage(self: &Arc<Self>) -> Tokens {
+        Tokens {
+            activation: self.clone(),
+            seen: Mutex::new(Writes::new()),
+        }
+    }
+}
+
+impl crate::pipeline::Stage for Tokens {
+    fn name(&self) -> &'static str {
+        "activation"
+    }
+
+    fn begin_chunk(&self) {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    fn process(
+        &self,
+        event: &mut crate::store::StoredEvent,
+    ) -> Result<crate::pipeline::Outcome, StoreError> {
+        let context = event.message.common().context.as_ref();
+        let device = context.and_then(|c| c.get("device"));
+        let profile = context
+            .and_then(|c| c.get("kith"))
+            .and_then(|k| k.get("profile_id"))
+            .and_then(Value::as_str);
+        if let (Some(device), Some(profile)) = (device, profile)
+            && let Some(token) = device
+                .get("token")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty() && t.len() <= 4_096)
+        {
+            let provider = match device.get("tokenProvider").and_then(Value::as_str) {
+                Some(provider) => provider.to_owned(),
+                None if device
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| t.eq_ignore_ascii_case("ios")) =>
+                {
+                    "apns".to_owned()
+                }
+                None => "fcm".to_owned(),
+            };
+            self.seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(
+                    key(
+                        b't',
+                        &[profile.as_bytes(), provider.as_bytes(), token.as_bytes()],
+                    ),
+                    Some(event.seq.to_be_bytes().to_vec()),
+                );
+        }
+        Ok(crate::pipeline::Outcome::Continue)
+    }
+
+    fn end_chunk(&self) -> Result<(), StoreError> {
+        let seen = std::mem::take(&mut *self.seen.lock().unwrap_or_else(PoisonError::into_inner));
+        self.activation.store.apply(Space::Activation, seen)
     }
 }
 
