@@ -140,32 +140,16 @@ impl Receiver {
     }
 }
 
-fn create(h: &Harness, path: &str, body: Value) -> Value {
-    let response = h.admin_send(Method::POST, path, &body);
-    assert_eq!(response.status(), 201, "{path} {body}");
-    response.json().expect("json")
-}
-
-fn deliveries(h: &Harness, query: &str) -> Vec<Value> {
-    let body: Value = h
-        .admin_get(&format!("/v1/deliveries?{query}"))
-        .json()
-        .expect("json");
-    body["deliveries"].as_array().expect("deliveries").clone()
-}
-
 /// A segment, a webhook destination to `receiver` and a campaign on entering the segment.
 fn campaign(h: &Harness, receiver: &Receiver, extra: Value) -> (String, String) {
     let segment_exists = h.admin_get("/v1/segments/pro").status() == 200;
     if !segment_exists {
-        create(
-            h,
+        h.create(
             "/v1/segments",
             json!({"key": "pro", "definition": "traits.plan = \"pro\""}),
         );
     }
-    let destination = create(
-        h,
+    let destination = h.create(
         "/v1/destinations",
         json!({"name": "CRM", "type": "webhook", "url": receiver.url(), "secret": SECRET,
                "retry_base_ms": 20, "max_attempts": 4}),
@@ -181,7 +165,7 @@ fn campaign(h: &Harness, receiver: &Receiver, extra: Value) -> (String, String) 
     if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
         body.extend(extra);
     }
-    let campaign = create(h, "/v1/campaigns", body);
+    let campaign = h.create("/v1/campaigns", body);
     (destination, campaign["id"].as_str().expect("id").to_owned())
 }
 
@@ -195,7 +179,7 @@ fn a_segment_entry_is_delivered_once_signed_retried_and_on_the_timeline() {
     h.send_batch(json!([{"type": "identify", "userId": "ann",
                          "traits": {"plan": "pro", "first_name": "Ann"}}]));
     let delivered = eventually("the delivery", || {
-        let found = deliveries(&h, "state=delivered");
+        let found = h.deliveries("state=delivered");
         (!found.is_empty()).then_some(found)
     });
     assert_eq!(delivered.len(), 1);
@@ -241,7 +225,7 @@ fn a_segment_entry_is_delivered_once_signed_retried_and_on_the_timeline() {
 
     // More events that do not move ann into the segment again send nothing more.
     h.send_batch(json!([{"type": "identify", "userId": "ann", "traits": {"city": "Lyon"}}]));
-    assert_eq!(deliveries(&h, "").len(), 1);
+    assert_eq!(h.deliveries("").len(), 1);
     assert_eq!(receiver.received().len(), 3);
 }
 
@@ -259,13 +243,13 @@ fn permanent_failures_go_dead_and_are_replayed_consent_and_caps_skip() {
 
     h.send_batch(json!([{"type": "identify", "userId": "bo", "traits": {"plan": "pro"}}]));
     let dead = eventually("a dead delivery", || {
-        let found = deliveries(&h, "state=dead");
+        let found = h.deliveries("state=dead");
         (!found.is_empty()).then_some(found)
     });
     assert_eq!(dead.len(), 1, "a 400 is not retried");
     assert_eq!(dead[0]["attempts"], 1);
     assert_eq!(dead[0]["campaign"], capped.as_str());
-    let skipped = deliveries(&h, "state=skipped");
+    let skipped = h.deliveries("state=skipped");
     assert_eq!(skipped.len(), 1, "no consent for marketing");
     assert_eq!(skipped[0]["campaign"], consented.as_str());
 
@@ -275,7 +259,7 @@ fn permanent_failures_go_dead_and_are_replayed_consent_and_caps_skip() {
         .expect("json");
     assert_eq!(replayed["replayed"], 1);
     eventually("the replayed delivery", || {
-        (deliveries(&h, "state=delivered").len() == 1).then_some(())
+        (h.deliveries("state=delivered").len() == 1).then_some(())
     });
 
     // Out and in again within the hour: the capped campaign skips, the consented one
@@ -284,9 +268,9 @@ fn permanent_failures_go_dead_and_are_replayed_consent_and_caps_skip() {
     h.send_batch(json!([{"type": "identify", "userId": "bo",
                          "traits": {"plan": "pro", "consent": {"marketing": true}}}]));
     eventually("the consented delivery", || {
-        (deliveries(&h, "state=delivered").len() == 2).then_some(())
+        (h.deliveries("state=delivered").len() == 2).then_some(())
     });
-    let skipped = deliveries(&h, "state=skipped");
+    let skipped = h.deliveries("state=skipped");
     assert_eq!(skipped.len(), 2);
     assert_eq!(skipped[1]["campaign"], capped.as_str());
     assert!(
@@ -307,13 +291,13 @@ fn a_restart_with_deliveries_pending_loses_none_and_repeats_none() {
         .collect();
     h.send_batch(Value::Array(users));
     eventually("20 deliveries in the outbox", || {
-        (deliveries(&h, "state=pending").len() == 20).then_some(())
+        (h.deliveries("state=pending").len() == 20).then_some(())
     });
 
     h.restart(|config| config.identity = true);
     receiver.plan(&[]);
     eventually("every delivery taken", || {
-        (deliveries(&h, "state=delivered").len() == 20).then_some(())
+        (h.deliveries("state=delivered").len() == 20).then_some(())
     });
     let mut taken: BTreeMap<String, usize> = BTreeMap::new();
     for r in receiver.received() {
@@ -326,7 +310,7 @@ fn a_restart_with_deliveries_pending_loses_none_and_repeats_none() {
         taken.values().all(|n| *n == 1),
         "none taken twice: {taken:?}"
     );
-    assert_eq!(deliveries(&h, "").len(), 20, "none created twice");
+    assert_eq!(h.deliveries("").len(), 20, "none created twice");
 }
 
 #[test]

@@ -11,6 +11,8 @@
 //!   "segment_entered" | "segment_exited", "segment"}, "destination", "template",
 //!   "frequency_cap"?: {"max", "per_secs"}, "consent_purpose"?}`),
 //!   `GET|DELETE /v1/campaigns/{id}`.
+//! - `GET /v1/profiles/{id}/push-tokens`: the push tokens and Web Push subscriptions
+//!   events brought to a profile (`context.device.token`).
 //! - `GET /v1/deliveries?after=&limit=&state=&campaign=`: the outbox, oldest first;
 //!   `POST /v1/deliveries/replay` (`{"ids": [...]}`, or `{}` for every dead one).
 
@@ -56,6 +58,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/campaigns/{id}", get(campaign).delete(delete_campaign))
         .route("/v1/deliveries", get(deliveries))
         .route("/v1/deliveries/replay", post(replay))
+        .route("/v1/profiles/{id}/push-tokens", get(push_tokens))
 }
 
 fn activation(state: &AppState) -> Result<Arc<Activation>, ApiError> {
@@ -391,4 +394,30 @@ async fn replay(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<
     let body: ReplayBody = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
     let replayed = blocking(move || activation.replay(body.ids.as_deref())).await?;
     Ok(Json(json!({"replayed": replayed})))
+}
+
+async fn push_tokens(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let activation = activation(&state)?;
+    let identity = crate::profiles::identity(&state)?;
+    let wanted = id.clone();
+    let found = blocking(
+        move || -> Result<Option<(String, Vec<(String, String)>)>, ApiError> {
+            let Some(profile) = identity.profile(&wanted)? else {
+                return Ok(None);
+            };
+            let tokens = activation.tokens(&profile.id, None)?;
+            Ok(Some((profile.id, tokens)))
+        },
+    )
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("no profile {id:?}")))?;
+    let tokens: Vec<Value> = found
+        .1
+        .into_iter()
+        .map(|(provider, token)| json!({"provider": provider, "token": token}))
+        .collect();
+    Ok(Json(json!({"profile": found.0, "tokens": tokens})))
 }

@@ -675,11 +675,11 @@ impl Activation {
                 let targets: Vec<Option<String>> = match provider {
                     None => vec![None],
                     Some(provider) => {
-                        let tokens = self.tokens(&change.profile_id, provider)?;
+                        let tokens = self.tokens(&change.profile_id, Some(provider))?;
                         if tokens.is_empty() {
                             vec![None]
                         } else {
-                            tokens.into_iter().map(Some).collect()
+                            tokens.into_iter().map(|(_, token)| Some(token)).collect()
                         }
                     }
                 };
@@ -748,13 +748,17 @@ impl Activation {
         Ok(changes.len() == CHANGES_PER_PASS)
     }
 
-    /// The push tokens of a live profile for a provider: its own and those of the
-    /// profiles merged into it.
+    /// The push tokens of a live profile, as (provider, token), of one provider when
+    /// given: its own and those of the profiles merged into it.
     ///
     /// # Errors
     ///
     /// On a storage failure.
-    pub fn tokens(&self, profile: &str, provider: &str) -> Result<Vec<String>, StoreError> {
+    pub fn tokens(
+        &self,
+        profile: &str,
+        provider: Option<&str>,
+    ) -> Result<Vec<(String, String)>, StoreError> {
         let mut owners = vec![profile.to_owned()];
         for merge in self.identity.merges(profile)? {
             if merge.survivor == profile && !merge.undone {
@@ -763,9 +767,16 @@ impl Activation {
         }
         let mut tokens = Vec::new();
         for owner in owners {
-            let prefix = key(b't', &[owner.as_bytes(), provider.as_bytes(), b""]);
+            let prefix = match provider {
+                Some(provider) => key(b't', &[owner.as_bytes(), provider.as_bytes(), b""]),
+                None => key(b't', &[owner.as_bytes(), b""]),
+            };
+            let owner_prefix = key(b't', &[owner.as_bytes(), b""]);
             for (k, _) in self.store.scan(Space::Activation, &prefix)? {
-                tokens.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+                let rest = String::from_utf8_lossy(&k[owner_prefix.len()..]).into_owned();
+                if let Some((provider, token)) = rest.split_once('\0') {
+                    tokens.push((provider.to_owned(), token.to_owned()));
+                }
             }
         }
         tokens.sort();

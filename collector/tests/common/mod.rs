@@ -44,6 +44,22 @@ impl Harness {
         }
     }
 
+    /// POSTs `body` to an admin path, expects a 201, answers the JSON.
+    pub fn create(&self, path: &str, body: Value) -> Value {
+        let response = self.admin_send(reqwest::Method::POST, path, &body);
+        assert_eq!(response.status(), 201, "{path} {body}");
+        response.json().expect("json")
+    }
+
+    /// The outbox's deliveries matching a query (`state=delivered`...).
+    pub fn deliveries(&self, query: &str) -> Vec<Value> {
+        let body: Value = self
+            .admin_get(&format!("/v1/deliveries?{query}"))
+            .json()
+            .expect("json");
+        body["deliveries"].as_array().expect("deliveries").clone()
+    }
+
     /// Stops the collector gracefully and starts a new one on the same data directory.
     pub fn restart(&mut self, change: impl FnOnce(&mut Config)) {
         self.collector.shutdown().expect("collector stops");
