@@ -500,3 +500,212 @@ fn web_push_is_encrypted_for_the_subscription_and_vapid_signed() {
     );
     assert_eq!(tokens(&h, "ann").len(), 1);
 }
+
+// ---------------------------------------------------------------------------------
+// APNs
+
+const APNS_CA: &str = include_str!("fixtures/apns-ca.pem");
+const APNS_SERVER_CERT: &str = include_str!("fixtures/apns-server.pem");
+const APNS_SERVER_KEY: &str = include_str!("fixtures/apns-server-key.pem");
+
+#[derive(Default)]
+struct Apns {
+    received: Vec<(String, BTreeMap<String, String>, Value)>,
+    refused: Vec<String>,
+    tokens_seen: Vec<String>,
+}
+
+type ApnsState = Arc<Mutex<Apns>>;
+
+async fn apns_handle(
+    request: hyper::Request<hyper::body::Incoming>,
+    state: ApnsState,
+    key: p256::ecdsa::VerifyingKey,
+) -> Result<hyper::Response<http_body_util::Full<Bytes>>, std::convert::Infallible> {
+    use http_body_util::BodyExt as _;
+
+    let respond = |status: u16, body: Value| {
+        Ok(hyper::Response::builder()
+            .status(status)
+            .header("apns-id", "00000000-0000-0000-0000-000000000000")
+            .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+            .expect("response"))
+    };
+    let version = request.version();
+    let path = request.uri().path().to_owned();
+    let headers: BTreeMap<String, String> = request
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+        .collect();
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut apns = state.lock().expect("apns");
+    if version != hyper::Version::HTTP_2 {
+        apns.refused.push(format!("{version:?}"));
+        return respond(400, json!({"reason": "BadRequest"}));
+    }
+    let token = headers
+        .get("authorization")
+        .and_then(|a| a.strip_prefix("bearer "))
+        .unwrap_or_default()
+        .to_owned();
+    let (header, claims, signed, signature) = jwt_parts(&token);
+    let signature = p256::ecdsa::Signature::from_slice(&signature).expect("signature");
+    let iat = claims["iat"].as_i64().unwrap_or(0);
+    if header["alg"] != "ES256"
+        || header["kid"] != "KEY1234567"
+        || claims["iss"] != "TEAM123456"
+        || (now() - iat).abs() > 3600
+        || key.verify(signed.as_bytes(), &signature).is_err()
+    {
+        apns.refused.push(format!("token {header} {claims}"));
+        return respond(403, json!({"reason": "InvalidProviderToken"}));
+    }
+    apns.tokens_seen.push(token);
+    if headers.get("apns-topic").map(String::as_str) != Some("com.example.app")
+        || headers.get("apns-push-type").map(String::as_str) != Some("alert")
+        || headers.get("apns-id").is_none_or(|id| id.len() != 36)
+    {
+        apns.refused.push(format!("headers {headers:?}"));
+        return respond(400, json!({"reason": "MissingTopic"}));
+    }
+    let Some(device) = path.strip_prefix("/3/device/") else {
+        apns.refused.push(path);
+        return respond(404, json!({"reason": "BadPath"}));
+    };
+    if device == "gone-device" {
+        return respond(
+            410,
+            json!({"reason": "Unregistered", "timestamp": 1_700_000_000_000_u64}),
+        );
+    }
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    apns.received.push((device.to_owned(), headers, body));
+    respond(200, json!({}))
+}
+
+/// An APNs-like server: TLS (the fixture certificate, signed by the fixture CA) and
+/// HTTP/2 only (ALPN `h2`).
+fn apns_server(state: ApnsState, key: p256::ecdsa::VerifyingKey) -> SocketAddr {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(APNS_SERVER_CERT.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("certificate");
+    let private = PrivateKeyDer::from_pem_slice(APNS_SERVER_KEY.as_bytes()).expect("key");
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, private)
+    .expect("server config");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (acceptor, state, key) = (acceptor.clone(), state.clone(), key);
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                            state
+                                .lock()
+                                .expect("apns")
+                                .refused
+                                .push("no h2 ALPN".to_owned());
+                            return;
+                        }
+                        let service = hyper::service::service_fn(move |request| {
+                            apns_handle(request, state.clone(), key)
+                        });
+                        let _ = hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                    });
+                }
+            });
+    });
+    addr
+}
+
+#[test]
+fn apns_goes_over_tls_and_http2_with_a_verified_provider_token() {
+    use p256::pkcs8::EncodePrivateKey as _;
+
+    let signing = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+    let p8 = signing
+        .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+        .expect("p8")
+        .to_string();
+    let state: ApnsState = Arc::default();
+    let addr = apns_server(state.clone(), *signing.verifying_key());
+    let h = Harness::with_identity();
+    campaign(
+        &h,
+        json!({"type": "apns", "team_id": "TEAM123456", "key_id": "KEY1234567",
+               "private_key": p8, "topic": "com.example.app",
+               "base_url": format!("https://127.0.0.1:{}", addr.port()),
+               "ca_certificate": APNS_CA, "retry_base_ms": 20}),
+    );
+    h.send_batch(json!([
+        {"type": "identify", "userId": "ann", "traits": {"plan": "pro", "first_name": "Ann"},
+         "context": {"device": {"token": "ann-iphone", "type": "ios"}}},
+        {"type": "identify", "userId": "bo", "traits": {"plan": "pro", "first_name": "Bo"},
+         "context": {"device": {"token": "gone-device", "type": "ios"}}}
+    ]));
+    eventually("both deliveries settled", || {
+        let settled = h.deliveries("state=delivered").len() + h.deliveries("state=dead").len();
+        (settled == 2).then_some(())
+    });
+    let apns = state.lock().expect("apns");
+    assert!(apns.refused.is_empty(), "refused: {:?}", apns.refused);
+    assert_eq!(apns.received.len(), 1);
+    let (device, headers, body) = &apns.received[0];
+    assert_eq!(device, "ann-iphone");
+    assert_eq!(headers["apns-priority"], "10");
+    assert_eq!(
+        body,
+        &json!({"aps": {"alert": {"title": "Hi Ann", "body": "Welcome to pro"}},
+                "screen": "offers", "level": 2})
+    );
+    assert_eq!(apns.tokens_seen.len(), 2);
+    assert_eq!(
+        apns.tokens_seen[0], apns.tokens_seen[1],
+        "one provider token reused"
+    );
+    drop(apns);
+    assert!(
+        tokens(&h, "bo").is_empty(),
+        "410 Unregistered retires the token"
+    );
+    assert_eq!(
+        tokens(&h, "ann"),
+        [json!({"provider": "apns", "token": "ann-iphone"})]
+    );
+}

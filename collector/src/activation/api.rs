@@ -403,21 +403,19 @@ async fn push_tokens(
     let activation = activation(&state)?;
     let identity = crate::profiles::identity(&state)?;
     let wanted = id.clone();
-    let found = blocking(
-        move || -> Result<Option<(String, Vec<(String, String)>)>, ApiError> {
-            let Some(profile) = identity.profile(&wanted)? else {
-                return Ok(None);
-            };
-            let tokens = activation.tokens(&profile.id, None)?;
-            Ok(Some((profile.id, tokens)))
-        },
-    )
-    .await?
-    .ok_or_else(|| ApiError::NotFound(format!("no profile {id:?}")))?;
-    let tokens: Vec<Value> = found
-        .1
-        .into_iter()
-        .map(|(provider, token)| json!({"provider": provider, "token": token}))
-        .collect();
-    Ok(Json(json!({"profile": found.0, "tokens": tokens})))
+    let found = blocking(move || -> Result<Option<Value>, ApiError> {
+        let Some(profile) = identity.profile(&wanted)? else {
+            return Ok(None);
+        };
+        let tokens: Vec<Value> = activation
+            .tokens(&profile.id, None)?
+            .into_iter()
+            .map(|(provider, token)| json!({"provider": provider, "token": token}))
+            .collect();
+        Ok(Some(json!({"profile": profile.id, "tokens": tokens})))
+    })
+    .await?;
+    found
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no profile {id:?}")))
 }

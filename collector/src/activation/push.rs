@@ -389,7 +389,7 @@ pub fn encrypt(subscription: &Subscription, payload: &[u8]) -> Result<Vec<u8>, S
     let sender_public = sender.public_key().to_encoded_point(false);
     let shared = sender.diffie_hellman(&ua_public);
     let mut key_info = b"WebPush: info\0".to_vec();
-    key_info.extend_from_slice(&ua_public.to_encoded_point(false).as_bytes());
+    key_info.extend_from_slice(ua_public.to_encoded_point(false).as_bytes());
     key_info.extend_from_slice(sender_public.as_bytes());
     let mut ikm = [0u8; 32];
     Hkdf::<Sha256>::new(Some(&auth), shared.raw_secret_bytes())
