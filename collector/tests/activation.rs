@@ -3,7 +3,9 @@
 //! idempotency key, the personalised message. Events move profiles into segments;
 //! campaigns deliver once, retry failures with backoff, go dead on a permanent error
 //! and are replayed; consent and frequency caps skip; a restart with deliveries pending
-//! loses none and delivers none twice; bad destinations and campaigns get clear errors.
+//! loses none and delivers none twice; a destination is paced; a segment is exported
+//! as a customer-match CSV to a file and by upload; bad destinations and campaigns get
+//! clear errors.
 
 mod common;
 
@@ -27,6 +29,7 @@ const SECRET: &str = "whsec-test-secret";
 struct Received {
     key: String,
     body: Value,
+    raw: Vec<u8>,
     answered: u16,
 }
 
@@ -94,10 +97,10 @@ async fn take(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
     inbox.received.push(Received {
         key,
-        body,
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        raw: body.to_vec(),
         answered,
     });
     StatusCode::from_u16(answered).expect("status")
@@ -406,4 +409,119 @@ fn bad_destinations_and_campaigns_get_clear_errors() {
     );
     let without = Harness::start();
     assert_eq!(error_code(without.admin_get("/v1/campaigns")).0, 404);
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn a_segment_is_exported_as_hashed_customer_match_csv_to_a_file_and_by_upload() {
+    let h = Harness::with_identity();
+    let receiver = Receiver::start();
+    h.create(
+        "/v1/segments",
+        json!({"key": "pro", "definition": "traits.plan = \"pro\""}),
+    );
+    h.send_batch(json!([
+        {"type": "identify", "userId": "ann", "traits": {"plan": "pro", "email": " Ann@Example.COM ",
+         "phone": "+33 6 12 34 56 78", "first_name": " Ann ", "last_name": "Lee", "country": "FR", "zip": "69001"}},
+        {"type": "identify", "userId": "bo", "traits": {"plan": "pro", "email": "bo@example.com"}},
+        {"type": "identify", "userId": "cy", "traits": {"plan": "pro"}},
+        {"type": "identify", "userId": "dee", "traits": {"plan": "free", "email": "dee@example.com"}}
+    ]));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let destination = h.create(
+        "/v1/destinations",
+        json!({"type": "audience_export", "directory": dir.path(), "url": receiver.url(),
+               "secret": SECRET}),
+    );
+    let id = destination["id"].as_str().expect("id");
+    let report: Value = h
+        .admin_send(
+            Method::POST,
+            &format!("/v1/destinations/{id}/export"),
+            &json!({"segment": "pro"}),
+        )
+        .json()
+        .expect("json");
+    assert_eq!(report["rows"], 2, "{report}");
+    assert_eq!(report["skipped_without_email_or_phone"], 1);
+    assert_eq!(report["uploaded_status"], 200);
+    let file = std::fs::read_to_string(report["file"].as_str().expect("file")).expect("csv");
+    let mut lines: Vec<&str> = file.lines().collect();
+    assert_eq!(
+        lines.remove(0),
+        "Email,Phone,First Name,Last Name,Country,Zip"
+    );
+    lines.sort();
+    let mut expected = vec![
+        format!(
+            "{},{},{},{},FR,69001",
+            sha256_hex("ann@example.com"),
+            sha256_hex("+33612345678"),
+            sha256_hex("ann"),
+            sha256_hex("lee")
+        ),
+        format!("{},,,,,", sha256_hex("bo@example.com")),
+    ];
+    expected.sort();
+    assert_eq!(lines, expected);
+    let uploaded = receiver.received();
+    assert_eq!(uploaded.len(), 1, "one signed upload");
+    assert_eq!(String::from_utf8_lossy(&uploaded[0].raw), file);
+
+    // Campaigns cannot send to an export; an unknown segment is refused.
+    assert_eq!(
+        error_code(h.admin_send(
+            Method::POST,
+            &format!("/v1/destinations/{id}/export"),
+            &json!({"segment": "nope"})
+        )),
+        (400, "unknown_segment".to_owned())
+    );
+    let refused = h.admin_send(
+        Method::POST,
+        "/v1/campaigns",
+        &json!({"trigger": {"type": "segment_entered", "segment": "pro"}, "destination": id,
+                "template": {}}),
+    );
+    assert_eq!(error_code(refused), (400, "invalid_destination".to_owned()));
+}
+
+#[test]
+fn a_paced_destination_spaces_its_deliveries() {
+    let h = Harness::with_identity();
+    let receiver = Receiver::start();
+    // An unpaced campaign, and a second one to a destination paced at 20/s.
+    campaign(&h, &receiver, json!({}));
+    let paced = h.create(
+        "/v1/destinations",
+        json!({"type": "webhook", "url": receiver.url(), "secret": SECRET, "rate_per_sec": 20}),
+    );
+    let paced_id = paced["id"].as_str().expect("id");
+    h.create(
+        "/v1/campaigns",
+        json!({"trigger": {"type": "segment_entered", "segment": "pro"}, "destination": paced_id,
+               "template": {"n": "{{profile_id}}"}}),
+    );
+    let started = std::time::Instant::now();
+    let users: Vec<Value> = (0..10)
+        .map(|i| json!({"type": "identify", "userId": format!("p-{i}"), "traits": {"plan": "pro"}}))
+        .collect();
+    h.send_batch(Value::Array(users));
+    eventually("20 deliveries", || {
+        (h.deliveries("state=delivered").len() == 20).then_some(())
+    });
+    // Ten deliveries at 20 per second take at least 9 intervals of 50 ms; the unpaced
+    // destination's ten do not count against it.
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(450),
+        "paced: {:?}",
+        started.elapsed()
+    );
 }

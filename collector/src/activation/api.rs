@@ -7,6 +7,9 @@
 //!   `private_key` (the `.p8` PEM), `topic`, `base_url`?, `ca_certificate`?; `web_push`:
 //!   `vapid_private_key`, `subject`. Secrets are never shown; a Web Push destination
 //!   shows its `vapid_public_key` (the `applicationServerKey` browsers subscribe with).
+//!   `audience_export`: `directory` and/or `url` (with `secret` to sign uploads);
+//!   `POST /v1/destinations/{id}/export` (`{"segment"}`) exports the segment's members
+//!   there (see [`super::audience`]).
 //! - `GET /v1/campaigns`, `POST /v1/campaigns` (`{"name", "trigger": {"type":
 //!   "segment_entered" | "segment_exited", "segment"}, "destination", "template",
 //!   "frequency_cap"?: {"max", "per_secs"}, "consent_purpose"?}`),
@@ -54,6 +57,7 @@ pub fn routes() -> Router<Arc<AppState>> {
             "/v1/destinations/{id}",
             get(destination).delete(delete_destination),
         )
+        .route("/v1/destinations/{id}/export", post(export))
         .route("/v1/campaigns", get(campaigns).post(create_campaign))
         .route("/v1/campaigns/{id}", get(campaign).delete(delete_campaign))
         .route("/v1/deliveries", get(deliveries))
@@ -95,6 +99,7 @@ struct DestinationBody {
     ca_certificate: Option<String>,
     vapid_private_key: Option<String>,
     subject: Option<String>,
+    directory: Option<String>,
     rate_per_sec: Option<f64>,
     max_attempts: Option<u32>,
     retry_base_ms: Option<u64>,
@@ -167,6 +172,19 @@ fn parse_destination(bytes: &[u8]) -> Result<Destination, ApiError> {
                 ca_certificate: body.ca_certificate.clone(),
             }
         }
+        "audience_export" => {
+            if body.directory.is_none() && body.url.is_none() {
+                return Err(invalid(
+                    "an audience_export destination needs a \"directory\" or a \"url\"",
+                ));
+            }
+            let url = body.url.clone().map(|u| http_url(&u, "url")).transpose()?;
+            Provider::AudienceExport {
+                directory: body.directory.clone(),
+                url,
+                secret: body.secret.clone(),
+            }
+        }
         "web_push" => {
             let vapid = required(body.vapid_private_key.clone(), "vapid_private_key")?;
             push::vapid_key(&vapid)
@@ -182,7 +200,7 @@ fn parse_destination(bytes: &[u8]) -> Result<Destination, ApiError> {
         }
         other => {
             return Err(invalid(format!(
-                "unknown destination type {other:?}: use webhook, fcm, apns or web_push"
+                "unknown destination type {other:?}: use webhook, fcm, apns, web_push or audience_export"
             )));
         }
     };
@@ -309,10 +327,16 @@ async fn create_campaign(
     }
     let store = state.store.clone();
     let campaign = blocking(move || -> Result<Campaign, ApiError> {
-        if activation.destination(&body.destination)?.is_none() {
+        let Some(destination) = activation.destination(&body.destination)? else {
             return Err(ApiError::invalid(
                 "unknown_destination",
                 format!("no destination {:?}", body.destination),
+            ));
+        };
+        if matches!(destination.provider, Provider::AudienceExport { .. }) {
+            return Err(ApiError::invalid(
+                "invalid_destination",
+                "an audience export runs on demand: POST /v1/destinations/{id}/export",
             ));
         }
         let segment = body.trigger.segment();
@@ -418,4 +442,37 @@ async fn push_tokens(
     found
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no profile {id:?}")))
+}
+
+/// The body of an export.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportBody {
+    segment: String,
+}
+
+async fn export(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let activation = activation(&state)?;
+    let body: ExportBody = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
+    let store = state.store.clone();
+    let report = blocking(move || -> Result<Value, ApiError> {
+        let destination = activation
+            .destination(&id)?
+            .ok_or_else(|| ApiError::NotFound(format!("no destination {id:?}")))?;
+        if !crate::segments::all(&store)?.contains_key(&body.segment) {
+            return Err(ApiError::invalid(
+                "unknown_segment",
+                format!("no segment {:?}", body.segment),
+            ));
+        }
+        activation
+            .export(&destination, &body.segment)
+            .map_err(|why| ApiError::invalid("export_failed", why))
+    })
+    .await?;
+    Ok(Json(report))
 }

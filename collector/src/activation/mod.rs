@@ -24,6 +24,7 @@
 //! `k` → the last membership change read; `n` → the last delivery number.
 
 pub mod api;
+pub mod audience;
 pub mod push;
 pub mod webhook;
 
@@ -118,6 +119,19 @@ pub enum Provider {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ca_certificate: Option<String>,
     },
+    /// Audience exports of a segment's members, on demand
+    /// (`POST /v1/destinations/{id}/export`): a file in a directory, or an HTTP upload.
+    AudienceExport {
+        /// The directory files are written to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        directory: Option<String>,
+        /// The URL files are POSTed to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
+        /// The upload's signing secret.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret: Option<String>,
+    },
     /// Web Push (RFC 8291 and RFC 8292) to `webpush` subscriptions.
     WebPush {
         /// The VAPID private key (base64url scalar or PKCS#8 PEM).
@@ -131,7 +145,7 @@ impl Provider {
     /// The push provider whose tokens it sends to, if it is a push provider.
     pub fn push_provider(&self) -> Option<&'static str> {
         match self {
-            Provider::Webhook { .. } => None,
+            Provider::Webhook { .. } | Provider::AudienceExport { .. } => None,
             Provider::Fcm { .. } => Some("fcm"),
             Provider::Apns { .. } => Some("apns"),
             Provider::WebPush { .. } => Some("webpush"),
@@ -612,6 +626,67 @@ impl Activation {
         Ok(count)
     }
 
+    /// Exports a segment's members to an audience-export destination; answers what it
+    /// did.
+    ///
+    /// # Errors
+    ///
+    /// A destination that is not an audience export, a storage failure, or a failed
+    /// write or upload.
+    pub fn export(&self, destination: &Destination, segment: &str) -> Result<Value, String> {
+        let Provider::AudienceExport {
+            directory,
+            url,
+            secret,
+        } = &destination.provider
+        else {
+            return Err("not an audience_export destination".to_owned());
+        };
+        let mut csv = String::from(audience::HEADER);
+        csv.push('\n');
+        let (mut rows, mut skipped) = (0, 0);
+        let mut after: Option<String> = None;
+        loop {
+            let (page, _) = self
+                .membership
+                .members(segment, after.as_deref(), 1_000)
+                .map_err(|e| e.to_string())?;
+            for id in &page {
+                let profile = self.identity.profile(id).map_err(|e| e.to_string())?;
+                match profile.as_ref().and_then(audience::row) {
+                    Some(row) => {
+                        csv.push_str(&row);
+                        csv.push('\n');
+                        rows += 1;
+                    }
+                    None => skipped += 1,
+                }
+            }
+            if page.len() < 1_000 {
+                break;
+            }
+            after = page.last().cloned();
+        }
+        let file = match directory {
+            Some(dir) => Some(
+                audience::write_file(std::path::Path::new(dir), segment, &csv)
+                    .map_err(|e| format!("writing the export into {dir}: {e}"))?,
+            ),
+            None => None,
+        };
+        let status = match url {
+            Some(url) => Some(audience::upload(
+                &self.http,
+                url,
+                secret.as_deref(),
+                segment,
+                csv,
+            )?),
+            None => None,
+        };
+        Ok(audience::report(rows, skipped, file.as_deref(), status))
+    }
+
     /// Reads new membership changes and writes the deliveries they trigger, with the
     /// cursor, in one batch; answers whether there may be more.
     fn dispatch(&self) -> Result<bool, StoreError> {
@@ -929,6 +1004,9 @@ impl Activation {
         let notification = push::Notification::of(&delivery.message);
         match &destination.provider {
             Provider::Webhook { url, secret } => webhook::send(&self.http, url, secret, delivery),
+            Provider::AudienceExport { .. } => {
+                Attempt::Fatal("an audience export takes no campaign deliveries".to_owned())
+            }
             Provider::Fcm {
                 service_account,
                 base_url,
@@ -1014,7 +1092,9 @@ impl Activation {
     /// delivery's own record is what counts).
     fn record(&self, delivery: &Delivery, destination: &Destination, outcome: &str) {
         let event = match (&destination.provider, outcome) {
-            (Provider::Webhook { .. }, _) => format!("Webhook {outcome}"),
+            (Provider::Webhook { .. } | Provider::AudienceExport { .. }, _) => {
+                format!("Webhook {outcome}")
+            }
             (_, "Delivered") => "Push Sent".to_owned(),
             (_, _) => "Push Failed".to_owned(),
         };
