@@ -254,11 +254,9 @@ impl Collector {
         if let (Some(identity), Some(membership), Some(activation)) =
             (&identity, &membership, &activation)
         {
-            // Tokens are kept before memberships move, so that a campaign the same
-            // chunk triggers finds the token its events brought.
             stages.push(Box::new(identity.stage()));
-            stages.push(Box::new(activation.stage()));
             stages.push(Box::new(membership.stage()));
+            stages.push(Box::new(activation.stage()));
         }
         let pipeline = Pipeline::new(store.clone(), stats.clone(), stages, live.clone())
             .start(wake.clone())

@@ -525,3 +525,51 @@ fn a_paced_destination_spaces_its_deliveries() {
         started.elapsed()
     );
 }
+
+#[test]
+fn an_event_from_a_profile_in_the_segment_fires_its_campaign() {
+    let h = Harness::with_identity();
+    let receiver = Receiver::start();
+    h.create(
+        "/v1/segments",
+        json!({"key": "pro", "definition": "traits.plan = \"pro\""}),
+    );
+    let destination = h.create(
+        "/v1/destinations",
+        json!({"type": "webhook", "url": receiver.url(), "secret": SECRET}),
+    );
+    h.create(
+        "/v1/campaigns",
+        json!({"trigger": {"type": "event", "event": "Cart Abandoned", "segment": "pro"},
+               "destination": destination["id"], "template": {"nudge": "Come back {{traits.first_name}}"}}),
+    );
+    h.send_batch(json!([
+        {"type": "identify", "userId": "ann", "traits": {"plan": "pro", "first_name": "Ann"}},
+        {"type": "identify", "userId": "bo", "traits": {"plan": "free"}}
+    ]));
+    h.send_batch(json!([
+        {"type": "track", "userId": "ann", "event": "Cart Abandoned"},
+        {"type": "track", "userId": "bo", "event": "Cart Abandoned"},
+        {"type": "track", "userId": "ann", "event": "Page Viewed"}
+    ]));
+    // The same chunk can move a profile in and fire: memberships as the chunk left them.
+    h.send_batch(json!([
+        {"type": "identify", "userId": "cy", "traits": {"plan": "pro", "first_name": "Cy"}},
+        {"type": "track", "userId": "cy", "event": "Cart Abandoned"}
+    ]));
+    let delivered = eventually("two deliveries", || {
+        let found = h.deliveries("state=delivered");
+        (found.len() == 2).then_some(found)
+    });
+    let received = receiver.received();
+    assert_eq!(received.len(), 2, "bo is not in the segment");
+    let nudges: Vec<&Value> = received
+        .iter()
+        .map(|r| &r.body["message"]["nudge"])
+        .collect();
+    assert_eq!(nudges, [&json!("Come back Ann"), &json!("Come back Cy")]);
+    assert!(received.iter().all(|r| r.body["type"] == "event"
+        && r.body["event"] == "Cart Abandoned"
+        && r.body["segment"] == "pro"));
+    assert!(delivered.iter().all(|d| d["trigger"]["event_seq"].is_u64()));
+}

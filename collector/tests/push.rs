@@ -12,7 +12,7 @@
 //!   `apns-push-type` and `apns-id` headers; `410 Unregistered` retires the token.
 //!
 //! End to end: an event moves a profile into a segment and the personalised push
-//! arrives exactly once.
+//! arrives exactly once, also across a collector restart while deliveries are pending.
 
 mod common;
 
@@ -159,6 +159,8 @@ fn timeline_has(h: &Harness, user: &str, event: &str) -> bool {
 
 #[derive(Default)]
 struct Fcm {
+    /// Sends answer 503 while set.
+    unavailable: bool,
     exchanges: usize,
     messages: Vec<Value>,
     refused: Vec<String>,
@@ -230,6 +232,12 @@ async fn fcm_send(
             axum::Json(json!({"error": {"code": 401}})),
         );
     }
+    if fcm.unavailable {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"error": {"code": 503, "status": "UNAVAILABLE"}})),
+        );
+    }
     if body["message"]["token"] == "gone-token" {
         return (
             StatusCode::NOT_FOUND,
@@ -246,27 +254,37 @@ async fn fcm_send(
     )
 }
 
-#[test]
-fn fcm_exchanges_a_signed_jwt_sends_once_and_retires_unregistered_tokens() {
-    let fcm: FcmState = Arc::default();
+/// A local FCM: the token and send endpoints.
+fn fcm_server(fcm: &FcmState) -> SocketAddr {
     let state = fcm.clone();
-    let addr = serve(move |_| {
+    serve(move |_| {
         axum::Router::new()
             .route("/token", axum::routing::post(fcm_token))
             .route("/v1/projects/{*send}", axum::routing::post(fcm_send))
             .with_state(state)
-    });
-    let h = Harness::with_identity();
+    })
+}
+
+/// An FCM destination to the local server, behind the "pro" campaign.
+fn fcm_campaign(h: &Harness, addr: SocketAddr) -> String {
     let service_account = json!({
         "type": "service_account", "project_id": "kith-test", "private_key_id": "k1",
         "private_key": FCM_KEY, "client_email": CLIENT_EMAIL,
         "token_uri": format!("http://{addr}/token")
     });
-    let destination = campaign(
-        &h,
+    campaign(
+        h,
         json!({"type": "fcm", "name": "Android", "service_account": service_account,
                "base_url": format!("http://{addr}"), "retry_base_ms": 20}),
-    );
+    )
+}
+
+#[test]
+fn fcm_exchanges_a_signed_jwt_sends_once_and_retires_unregistered_tokens() {
+    let fcm: FcmState = Arc::default();
+    let addr = fcm_server(&fcm);
+    let h = Harness::with_identity();
+    let destination = fcm_campaign(&h, addr);
     let shown: Value = h
         .admin_get(&format!("/v1/destinations/{destination}"))
         .json()
@@ -316,6 +334,51 @@ fn fcm_exchanges_a_signed_jwt_sends_once_and_retires_unregistered_tokens() {
         (timeline_has(&h, "ann", "Push Sent") && timeline_has(&h, "bo", "Push Failed"))
             .then_some(())
     });
+}
+
+#[test]
+fn a_restart_with_pushes_pending_loses_none_and_sends_none_twice() {
+    let fcm: FcmState = Arc::default();
+    fcm.lock().expect("fcm").unavailable = true;
+    let addr = fcm_server(&fcm);
+    let mut h = Harness::with_identity();
+    fcm_campaign(&h, addr);
+    let users: Vec<Value> = (0..10)
+        .map(|i| {
+            json!({"type": "identify", "userId": format!("user-{i}"),
+                   "traits": {"plan": "pro", "first_name": format!("U{i}")},
+                   "context": {"device": {"token": format!("device-{i}"), "type": "android"}}})
+        })
+        .collect();
+    h.send_batch(Value::Array(users));
+    eventually("every push tried at least once", || {
+        let pending = h.deliveries("state=pending");
+        (pending.len() == 10 && pending.iter().all(|d| d["attempts"].as_u64() >= Some(1)))
+            .then_some(())
+    });
+    h.restart(|config| config.identity = true);
+    fcm.lock().expect("fcm").unavailable = false;
+    eventually("every push delivered", || {
+        (h.deliveries("state=delivered").len() == 10).then_some(())
+    });
+    let fcm = fcm.lock().expect("fcm");
+    let mut per_token: BTreeMap<String, usize> = BTreeMap::new();
+    for message in &fcm.messages {
+        *per_token
+            .entry(message["token"].as_str().expect("token").to_owned())
+            .or_default() += 1;
+        let n = message["token"]
+            .as_str()
+            .expect("token")
+            .trim_start_matches("device-");
+        assert_eq!(message["notification"]["title"], format!("Hi U{n}"));
+    }
+    assert_eq!(per_token.len(), 10, "every device got its push");
+    assert!(
+        per_token.values().all(|n| *n == 1),
+        "none twice: {per_token:?}"
+    );
+    assert_eq!(h.deliveries("").len(), 10, "none created twice");
 }
 
 // ---------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 //!
 //! - A [`Destination`] is where deliveries go, with its credentials: today a webhook
 //!   (a JSON POST signed with HMAC-SHA256, see [`webhook`]).
-//! - A [`Campaign`] has a trigger (a profile entered or exited a segment), a destination,
+//! - A [`Campaign`] has a trigger (a profile entered or exited a segment, or sent an
+//!   event while in one), a destination,
 //!   a message template personalised with the profile's traits (`{{traits.first_name}}`),
 //!   an optional frequency cap per profile and an optional consent purpose.
 //! - The activation thread reads the membership changes after its stored cursor, and for
@@ -21,6 +22,8 @@
 //! Keys of the activation tree: `d\0{id}` → [`Destination`]; `c\0{id}` → [`Campaign`];
 //! `o\0{number}` → [`Delivery`]; `q\0{due ms}\0{number}` → a delivery waiting to be sent;
 //! `f\0{campaign}\0{profile}` → the times it was sent to that profile (frequency cap);
+//! `t\0{profile}\0{provider}\0{token}` → a push token; `e\0{campaign}\0{seq}` → the
+//! event fired that campaign;
 //! `k` → the last membership change read; `n` → the last delivery number.
 
 pub mod api;
@@ -192,6 +195,13 @@ pub enum Trigger {
         /// The segment's key.
         segment: String,
     },
+    /// A profile in the segment sent this `track` event.
+    Event {
+        /// The event name.
+        event: String,
+        /// The segment's key.
+        segment: String,
+    },
 }
 
 impl Trigger {
@@ -203,13 +213,64 @@ impl Trigger {
             Trigger::SegmentExited { segment } => {
                 change.kind == Kind::Exited && *segment == change.segment
             }
+            Trigger::Event { .. } => false,
         }
     }
 
     /// The segment it watches.
     pub fn segment(&self) -> &str {
         match self {
-            Trigger::SegmentEntered { segment } | Trigger::SegmentExited { segment } => segment,
+            Trigger::SegmentEntered { segment }
+            | Trigger::SegmentExited { segment }
+            | Trigger::Event { segment, .. } => segment,
+        }
+    }
+}
+
+/// What triggered a delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Triggered {
+    /// `entered`, `exited` or `event`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The segment.
+    pub segment: String,
+    /// The membership change (`entered`, `exited`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_id: Option<u64>,
+    /// The event's name (`event`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// The `seq` of the event behind it, when an event was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_seq: Option<u64>,
+    /// When that event was received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_received_at: Option<Timestamp>,
+}
+
+impl Triggered {
+    fn of_change(change: &MembershipChange) -> Self {
+        Triggered {
+            kind: match change.kind {
+                Kind::Entered => "entered",
+                Kind::Exited => "exited",
+            }
+            .to_owned(),
+            segment: change.segment.clone(),
+            change_id: Some(change.id),
+            event: None,
+            event_seq: change.event_seq,
+            event_received_at: change.event_received_at,
+        }
+    }
+
+    /// The part of the idempotency key that names the trigger.
+    fn key(&self) -> String {
+        match (self.change_id, self.event_seq) {
+            (Some(change), _) => change.to_string(),
+            (None, Some(seq)) => format!("event-{seq}"),
+            (None, None) => String::new(),
         }
     }
 }
@@ -276,8 +337,8 @@ pub struct Delivery {
     pub destination: String,
     /// The profile.
     pub profile_id: String,
-    /// The membership change that triggered it.
-    pub change: MembershipChange,
+    /// What triggered it.
+    pub trigger: Triggered,
     /// The push token or subscription it goes to (push destinations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
@@ -688,139 +749,54 @@ impl Activation {
     }
 
     /// Reads new membership changes and writes the deliveries they trigger, with the
-    /// cursor, in one batch; answers whether there may be more.
+    /// cursor, in one batch; answers whether there may be more. A change an event of a
+    /// chunk not yet committed made waits for that commit, so that the push tokens the
+    /// same chunk brought are there.
     fn dispatch(&self) -> Result<bool, StoreError> {
         let cursor = number(&self.store, b"k")?;
-        let changes = self
+        let committed = self.store.checkpoint()?;
+        let mut changes = self
             .membership
             .changes(cursor, CHANGES_PER_PASS, None, None)?;
+        let full = changes.len() == CHANGES_PER_PASS;
+        if let Some(waiting) = changes
+            .iter()
+            .position(|c| c.event_seq.is_some_and(|seq| seq > committed))
+        {
+            changes.truncate(waiting);
+        }
         let Some(last) = changes.last().map(|c| c.id) else {
             return Ok(false);
         };
         let campaigns = self.campaigns()?;
-        let destinations: BTreeMap<String, Destination> = self
-            .destinations()?
-            .into_iter()
-            .map(|d| (d.id.clone(), d))
-            .collect();
-        let _outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut next = number(&self.store, b"n")?;
-        let mut writes = Writes::new();
-        let mut caps: BTreeMap<Vec<u8>, Vec<u64>> = BTreeMap::new();
-        let now = Timestamp::now();
+        let mut plan = self.plan()?;
         for change in &changes {
+            let triggered = Triggered::of_change(change);
             for campaign in campaigns.iter().filter(|c| c.trigger.matches(change)) {
-                let profile = self.identity.profile(&change.profile_id)?;
-                let traits = profile
-                    .as_ref()
-                    .map(Profile::trait_values)
-                    .unwrap_or_default();
-                let message = render(
-                    &campaign.template,
-                    &traits,
-                    &change.profile_id,
-                    &change.segment,
-                );
-                let consented = campaign.consent_purpose.as_ref().is_none_or(|purpose| {
-                    traits
-                        .get("consent")
-                        .and_then(|c| c.get(purpose))
-                        .and_then(Value::as_bool)
-                        == Some(true)
-                });
-                let cap_key = key(
-                    b'f',
-                    &[campaign.id.as_bytes(), change.profile_id.as_bytes()],
-                );
-                if !caps.contains_key(&cap_key) {
-                    let sent: Vec<u64> = get_json(&self.store, &cap_key)?.unwrap_or_default();
-                    caps.insert(cap_key.clone(), sent);
-                }
-                let sent = caps.entry(cap_key).or_default();
-                if let Some(cap) = campaign.frequency_cap {
-                    let since = ms(now).saturating_sub(cap.per_secs.saturating_mul(1_000));
-                    sent.retain(|t| *t > since);
-                }
-                let capped = campaign
-                    .frequency_cap
-                    .is_some_and(|cap| sent.len() >= cap.max as usize);
-                let provider = destinations
-                    .get(&campaign.destination)
-                    .and_then(|d| d.provider.push_provider());
-                let targets: Vec<Option<String>> = match provider {
-                    None => vec![None],
-                    Some(provider) => {
-                        let tokens = self.tokens(&change.profile_id, Some(provider))?;
-                        if tokens.is_empty() {
-                            vec![None]
-                        } else {
-                            tokens.into_iter().map(|(_, token)| Some(token)).collect()
-                        }
-                    }
-                };
-                let skipped = if !consented {
-                    Some("no consent for the campaign's purpose")
-                } else if capped {
-                    Some("frequency cap reached")
-                } else if provider.is_some() && targets == [None] {
-                    Some("the profile has no push token for this destination")
-                } else {
-                    None
-                };
-                if skipped.is_none() && campaign.frequency_cap.is_some() {
-                    sent.push(ms(now));
-                }
-                for target in targets {
-                    next += 1;
-                    let mut idempotency_key =
-                        format!("{}:{}:{}", campaign.id, change.id, campaign.destination);
-                    if let Some(target) = &target {
-                        let digest = sha2::Digest::finalize(
-                            <sha2::Sha256 as sha2::Digest>::new_with_prefix(target.as_bytes()),
-                        );
-                        let short: String =
-                            digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-                        idempotency_key.push(':');
-                        idempotency_key.push_str(&short);
-                    }
-                    let delivery = Delivery {
-                        id: next,
-                        idempotency_key,
-                        campaign: campaign.id.clone(),
-                        destination: campaign.destination.clone(),
-                        profile_id: change.profile_id.clone(),
-                        change: change.clone(),
-                        target,
-                        message: message.clone(),
-                        state: if skipped.is_some() {
-                            DeliveryState::Skipped
-                        } else {
-                            DeliveryState::Pending
-                        },
-                        attempts: 0,
-                        last_error: skipped.map(str::to_owned),
-                        created_at: now,
-                        next_attempt_at: now,
-                        delivered_at: None,
-                    };
-                    if skipped.is_none() {
-                        writes.insert(queue_key(now, next), Some(Vec::new()));
-                    }
-                    writes.insert(
-                        key(b'o', &[&next.to_be_bytes()]),
-                        Some(serde_json::to_vec(&delivery)?),
-                    );
-                }
+                plan.deliveries(self, campaign, &change.profile_id, &triggered)?;
             }
         }
-        for (cap_key, sent) in caps {
-            writes.insert(cap_key, Some(serde_json::to_vec(&sent)?));
-        }
-        writes.insert(b"n".to_vec(), Some(next.to_be_bytes().to_vec()));
-        writes.insert(b"k".to_vec(), Some(last.to_be_bytes().to_vec()));
-        self.store.apply(Space::Activation, writes)?;
-        self.store.flush()?;
-        Ok(changes.len() == CHANGES_PER_PASS)
+        plan.writes
+            .insert(b"k".to_vec(), Some(last.to_be_bytes().to_vec()));
+        plan.commit(self)?;
+        Ok(full)
+    }
+
+    /// A batch of new deliveries, under the outbox lock.
+    fn plan(&self) -> Result<Plan<'_>, StoreError> {
+        let guard = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(Plan {
+            _guard: guard,
+            destinations: self
+                .destinations()?
+                .into_iter()
+                .map(|d| (d.id.clone(), d))
+                .collect(),
+            next: number(&self.store, b"n")?,
+            writes: Writes::new(),
+            caps: BTreeMap::new(),
+            now: Timestamp::now(),
+        })
     }
 
     /// The push tokens of a live profile, as (provider, token), of one provider when
@@ -1152,49 +1128,199 @@ impl Activation {
     }
 }
 
-/// The activation pipeline stage, after identity and before segments: keeps the push tokens events carry
-/// (`context.device.token`, with `context.device.tokenProvider`, else `apns` for an
-/// iOS device and `fcm` otherwise: what Segment's mobile libraries send) on the event's
-/// profile.
+/// New deliveries being written together.
+struct Plan<'a> {
+    _guard: std::sync::MutexGuard<'a, ()>,
+    destinations: BTreeMap<String, Destination>,
+    next: u64,
+    writes: Writes,
+    caps: BTreeMap<Vec<u8>, Vec<u64>>,
+    now: Timestamp,
+}
+
+impl Plan<'_> {
+    /// The deliveries of `campaign` for a profile (one per push token for push
+    /// destinations), pending, or skipped for consent, the frequency cap or no token.
+    fn deliveries(
+        &mut self,
+        activation: &Activation,
+        campaign: &Campaign,
+        profile_id: &str,
+        triggered: &Triggered,
+    ) -> Result<(), StoreError> {
+        let now = self.now;
+        let profile = activation.identity.profile(profile_id)?;
+        let traits = profile
+            .as_ref()
+            .map(Profile::trait_values)
+            .unwrap_or_default();
+        let message = render(&campaign.template, &traits, profile_id, &triggered.segment);
+        let consented = campaign.consent_purpose.as_ref().is_none_or(|purpose| {
+            traits
+                .get("consent")
+                .and_then(|c| c.get(purpose))
+                .and_then(Value::as_bool)
+                == Some(true)
+        });
+        let cap_key = key(b'f', &[campaign.id.as_bytes(), profile_id.as_bytes()]);
+        if !self.caps.contains_key(&cap_key) {
+            let sent: Vec<u64> = get_json(&activation.store, &cap_key)?.unwrap_or_default();
+            self.caps.insert(cap_key.clone(), sent);
+        }
+        let sent = self.caps.entry(cap_key).or_default();
+        if let Some(cap) = campaign.frequency_cap {
+            let since = ms(now).saturating_sub(cap.per_secs.saturating_mul(1_000));
+            sent.retain(|t| *t > since);
+        }
+        let capped = campaign
+            .frequency_cap
+            .is_some_and(|cap| sent.len() >= cap.max as usize);
+        let provider = self
+            .destinations
+            .get(&campaign.destination)
+            .and_then(|d| d.provider.push_provider());
+        let targets: Vec<Option<String>> = match provider {
+            None => vec![None],
+            Some(provider) => {
+                let tokens = activation.tokens(profile_id, Some(provider))?;
+                if tokens.is_empty() {
+                    vec![None]
+                } else {
+                    tokens.into_iter().map(|(_, token)| Some(token)).collect()
+                }
+            }
+        };
+        let skipped = if !consented {
+            Some("no consent for the campaign's purpose")
+        } else if capped {
+            Some("frequency cap reached")
+        } else if provider.is_some() && targets == [None] {
+            Some("the profile has no push token for this destination")
+        } else {
+            None
+        };
+        if skipped.is_none() && campaign.frequency_cap.is_some() {
+            sent.push(ms(now));
+        }
+        for target in targets {
+            self.next += 1;
+            let id = self.next;
+            let mut idempotency_key = format!(
+                "{}:{}:{}",
+                campaign.id,
+                triggered.key(),
+                campaign.destination
+            );
+            if let Some(target) = &target {
+                let digest = <sha2::Sha256 as sha2::Digest>::digest(target.as_bytes());
+                let short: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+                idempotency_key.push(':');
+                idempotency_key.push_str(&short);
+            }
+            let delivery = Delivery {
+                id,
+                idempotency_key,
+                campaign: campaign.id.clone(),
+                destination: campaign.destination.clone(),
+                profile_id: profile_id.to_owned(),
+                trigger: triggered.clone(),
+                target,
+                message: message.clone(),
+                state: if skipped.is_some() {
+                    DeliveryState::Skipped
+                } else {
+                    DeliveryState::Pending
+                },
+                attempts: 0,
+                last_error: skipped.map(str::to_owned),
+                created_at: now,
+                next_attempt_at: now,
+                delivered_at: None,
+            };
+            if skipped.is_none() {
+                self.writes.insert(queue_key(now, id), Some(Vec::new()));
+            }
+            self.writes.insert(
+                key(b'o', &[&id.to_be_bytes()]),
+                Some(serde_json::to_vec(&delivery)?),
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes the deliveries, the caps and the number, in one batch, durably.
+    fn commit(mut self, activation: &Activation) -> Result<(), StoreError> {
+        for (cap_key, sent) in std::mem::take(&mut self.caps) {
+            self.writes
+                .insert(cap_key, Some(serde_json::to_vec(&sent)?));
+        }
+        self.writes
+            .insert(b"n".to_vec(), Some(self.next.to_be_bytes().to_vec()));
+        activation
+            .store
+            .apply(Space::Activation, std::mem::take(&mut self.writes))?;
+        activation.store.flush()
+    }
+}
+
+/// The activation pipeline stage, after segments:
+///
+/// - keeps the push tokens events carry (`context.device.token`, with
+///   `context.device.tokenProvider`, else `apns` for an iOS device and `fcm` otherwise:
+///   what Segment's mobile libraries send) on the event's profile;
+/// - fires the campaigns an event triggers (`track` events named by an `event` trigger,
+///   from a profile in its segment, memberships as this chunk left them), at most once
+///   per event and campaign: a mark is written with the deliveries.
 #[derive(Debug)]
-pub struct Tokens {
+pub struct Events {
     activation: Arc<Activation>,
-    seen: Mutex<Writes>,
+    chunk: Mutex<EventsChunk>,
+}
+
+/// What the stage gathered in a chunk.
+#[derive(Debug, Default)]
+struct EventsChunk {
+    tokens: Writes,
+    /// Event campaigns, read once a chunk.
+    campaigns: Option<Vec<Campaign>>,
+    /// `track` events some event campaign names: (seq, profile, name, received).
+    fired: Vec<(u64, String, String, Option<Timestamp>)>,
 }
 
 impl Activation {
     /// The pipeline stage.
-    pub fn stage(self: &Arc<Self>) -> Tokens {
-        Tokens {
+    pub fn stage(self: &Arc<Self>) -> Events {
+        Events {
             activation: self.clone(),
-            seen: Mutex::new(Writes::new()),
+            chunk: Mutex::new(EventsChunk::default()),
         }
     }
 }
 
-impl crate::pipeline::Stage for Tokens {
+impl crate::pipeline::Stage for Events {
     fn name(&self) -> &'static str {
         "activation"
     }
 
     fn begin_chunk(&self) {
-        self.seen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        *self.chunk.lock().unwrap_or_else(PoisonError::into_inner) = EventsChunk::default();
     }
 
     fn process(
         &self,
         event: &mut crate::store::StoredEvent,
     ) -> Result<crate::pipeline::Outcome, StoreError> {
-        let context = event.message.common().context.as_ref();
-        let device = context.and_then(|c| c.get("device"));
-        let profile = context
+        let common = event.message.common();
+        let context = common.context.as_ref();
+        let Some(profile) = context
             .and_then(|c| c.get("kith"))
             .and_then(|k| k.get("profile_id"))
-            .and_then(Value::as_str);
-        if let (Some(device), Some(profile)) = (device, profile)
+            .and_then(Value::as_str)
+        else {
+            return Ok(crate::pipeline::Outcome::Continue);
+        };
+        let mut chunk = self.chunk.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(device) = context.and_then(|c| c.get("device"))
             && let Some(token) = device
                 .get("token")
                 .and_then(Value::as_str)
@@ -1211,23 +1337,78 @@ impl crate::pipeline::Stage for Tokens {
                 }
                 None => "fcm".to_owned(),
             };
-            self.seen
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(
-                    key(
-                        b't',
-                        &[profile.as_bytes(), provider.as_bytes(), token.as_bytes()],
-                    ),
-                    Some(event.seq.to_be_bytes().to_vec()),
+            chunk.tokens.insert(
+                key(
+                    b't',
+                    &[profile.as_bytes(), provider.as_bytes(), token.as_bytes()],
+                ),
+                Some(event.seq.to_be_bytes().to_vec()),
+            );
+        }
+        if let kith_sdk_core::protocol::Message::Track(track) = &event.message
+            && let Some(name) = &track.event
+        {
+            if chunk.campaigns.is_none() {
+                let campaigns = self.activation.campaigns()?;
+                chunk.campaigns = Some(
+                    campaigns
+                        .into_iter()
+                        .filter(|c| matches!(c.trigger, Trigger::Event { .. }))
+                        .collect(),
                 );
+            }
+            let named = chunk
+                .campaigns
+                .iter()
+                .flatten()
+                .any(|c| matches!(&c.trigger, Trigger::Event { event, .. } if event == name));
+            if named {
+                chunk.fired.push((
+                    event.seq,
+                    profile.to_owned(),
+                    name.clone(),
+                    common.received_at,
+                ));
+            }
         }
         Ok(crate::pipeline::Outcome::Continue)
     }
 
     fn end_chunk(&self) -> Result<(), StoreError> {
-        let seen = std::mem::take(&mut *self.seen.lock().unwrap_or_else(PoisonError::into_inner));
-        self.activation.store.apply(Space::Activation, seen)
+        let chunk = std::mem::take(&mut *self.chunk.lock().unwrap_or_else(PoisonError::into_inner));
+        let activation = &self.activation;
+        activation.store.apply(Space::Activation, chunk.tokens)?;
+        if chunk.fired.is_empty() {
+            return Ok(());
+        }
+        let campaigns = chunk.campaigns.unwrap_or_default();
+        let mut plan = activation.plan()?;
+        for (seq, profile, name, received) in chunk.fired {
+            let memberships = activation.membership.segments_of(&profile)?;
+            for campaign in &campaigns {
+                let Trigger::Event { event, segment } = &campaign.trigger else {
+                    continue;
+                };
+                if *event != name || !memberships.contains(segment) {
+                    continue;
+                }
+                let mark = key(b'e', &[campaign.id.as_bytes(), &seq.to_be_bytes()]);
+                if activation.store.get(Space::Activation, &mark)?.is_some() {
+                    continue; // a replayed chunk: fired already
+                }
+                let triggered = Triggered {
+                    kind: "event".to_owned(),
+                    segment: segment.clone(),
+                    change_id: None,
+                    event: Some(name.clone()),
+                    event_seq: Some(seq),
+                    event_received_at: received,
+                };
+                plan.deliveries(activation, campaign, &profile, &triggered)?;
+                plan.writes.insert(mark, Some(Vec::new()));
+            }
+        }
+        plan.commit(activation)
     }
 }
 

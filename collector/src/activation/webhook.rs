@@ -1,7 +1,7 @@
 //! Webhook deliveries: a JSON POST signed with HMAC-SHA256.
 //!
-//! The body is `{"id", "idempotency_key", "campaign", "profile_id", "segment", "type",
-//! "message"}`. Headers: `Idempotency-Key` (the same on every attempt) and
+//! The body is `{"id", "idempotency_key", "campaign", "profile_id", "segment", "type"
+//! (`entered`, `exited` or `event`), "event", "message"}`. Headers: `Idempotency-Key` (the same on every attempt) and
 //! `Kith-Signature: t={unix seconds},v1={hex HMAC-SHA256(secret, "{t}.{body}")}`, in the
 //! manner of Stripe's webhook signatures, so that a receiver checks the sender and
 //! refuses replays of old requests.
@@ -42,8 +42,9 @@ pub fn send(
         "idempotency_key": delivery.idempotency_key,
         "campaign": delivery.campaign,
         "profile_id": delivery.profile_id,
-        "segment": delivery.change.segment,
-        "type": delivery.change.kind,
+        "segment": delivery.trigger.segment,
+        "type": delivery.trigger.kind,
+        "event": delivery.trigger.event,
         "message": delivery.message,
     })
     .to_string();
