@@ -413,7 +413,7 @@ fn bad_destinations_and_campaigns_get_clear_errors() {
 
 fn sha256_hex(text: &str) -> String {
     use sha2::Digest as _;
-    sha2::Sha256::digest(text.as_bytes())
+    Sha256::digest(text.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
