@@ -22,6 +22,7 @@ const SIZE_TARGET = 45 * 1024;
 async function startCollector(dataDir, listen = '127.0.0.1:0') {
   const child = spawn(join(REPO, 'target/debug/kith-collector'), [
     '--listen', listen, '--data-dir', dataDir, '--write-key', WRITE_KEY, '--admin-token', ADMIN_TOKEN,
+    '--identity',
   ], { env: { ...process.env, RUST_LOG: 'warn' }, stdio: ['ignore', 'pipe', 'inherit'] });
   const exited = new Promise((resolve) => child.once('exit', resolve));
   const lines = createInterface({ input: child.stdout });
@@ -243,7 +244,7 @@ test('bad input throws a clear error and leaves the queue untouched', () =>
     assert.equal(outcome.stats.pending, 0);
   }));
 
-test('a Web Push subscription reaches the collector', () =>
+test('a Web Push subscription reaches the collector and the profile', () =>
   withSetup(async ({ collector, site, browser }) => {
     const page = await openExample(browser.context, site, collector.url, { autoPage: 'false', flushIntervalMs: '100' });
     const id = await page.evaluate(() => window.kith.registerPushSubscription({
@@ -255,6 +256,10 @@ test('a Web Push subscription reaches the collector', () =>
     assert.equal(identify.context.device.tokenProvider, 'webpush');
     assert.deepEqual(JSON.parse(identify.context.device.token),
       { endpoint: 'https://push.example/send/abc', keys: { p256dh: 'BPk', auth: 'c2VjcmV0' } });
+    const profile = await admin(collector, `/v1/profiles?identifier=anonymous_id:${identify.anonymousId}`);
+    const { tokens } = await admin(collector, `/v1/profiles/${profile.id}/push-tokens`);
+    assert.deepEqual(tokens.map((t) => [t.provider, JSON.parse(t.token).endpoint]),
+      [['webpush', 'https://push.example/send/abc']]);
   }));
 
 test('the shipped types check against a TypeScript usage example, with no any', async () => {

@@ -18,9 +18,19 @@ pub const ADMIN_TOKEN: &str = "e2e-admin-token";
 ///
 /// When it cannot start.
 pub fn collector(dir: &Path) -> Running {
+    collector_with(dir, |_| {})
+}
+
+/// A collector on `dir` with fixed credentials and `change` made to its config.
+///
+/// # Panics
+///
+/// When it cannot start.
+pub fn collector_with(dir: &Path, change: impl FnOnce(&mut Config)) -> Running {
     let mut config = Config::for_data_dir(dir);
     config.write_keys = vec![WRITE_KEY.to_owned()];
     config.admin_token = Some(ADMIN_TOKEN.to_owned());
+    change(&mut config);
     Running::start(&config).expect("collector starts")
 }
 

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use kith_e2e::{WRITE_KEY, admin, collector, stored};
+use kith_e2e::{WRITE_KEY, admin, caught_up, collector, collector_with, stored};
 use kith_sdk_core::engine::{CaptureOptions, Config, Engine};
 use kith_sdk_core::native::{Client, HttpTransport};
 use kith_sdk_core::protocol::Map;
@@ -19,6 +19,33 @@ const KILLS: usize = 100;
 
 fn object(value: Value) -> Map {
     value.as_object().cloned().expect("object")
+}
+
+#[test]
+fn a_push_token_set_in_the_sdk_reaches_the_profile() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = collector_with(dir.path(), |config| config.identity = true);
+    let engine = Engine::open(
+        Box::new(MemoryStore::new()),
+        Config::new(WRITE_KEY, running.url("")),
+    )
+    .expect("engine");
+    let transport = Arc::new(HttpTransport::new(Duration::from_secs(10)).expect("transport"));
+    let client = Client::start(engine, transport).expect("client");
+    client
+        .identify(Some("pushy"), Map::new(), CaptureOptions::default())
+        .expect("identify");
+    client
+        .with_engine(|e| e.set_push_token("fcm", "fcm-token-1", jiff::Timestamp::now()))
+        .expect("token");
+    client.shutdown(Duration::from_secs(10));
+    caught_up(&running);
+    let profile = admin(&running, "/v1/profiles?identifier=user_id:pushy");
+    let id = profile["id"].as_str().expect("profile id");
+    assert_eq!(
+        admin(&running, &format!("/v1/profiles/{id}/push-tokens"))["tokens"],
+        json!([{"provider": "fcm", "token": "fcm-token-1"}])
+    );
 }
 
 #[test]

@@ -53,8 +53,9 @@ use crate::writer::{Append, LogWriter};
 const CHANGES_PER_PASS: usize = 500;
 /// Deliveries sent per pass before new changes are read again.
 const SENDS_PER_PASS: usize = 200;
-/// The longest the thread sleeps without looking for new changes.
-const POLL: Duration = Duration::from_millis(20);
+/// How often the thread looks for new changes and due deliveries (a few sled reads
+/// when there is nothing to do).
+const POLL: Duration = Duration::from_millis(5);
 /// The source recorded on the timeline events activation writes.
 const SOURCE: &str = "kith-activation";
 
@@ -489,15 +490,15 @@ pub struct Activation {
     identity: Arc<Identity>,
     membership: Arc<Membership>,
     writer: Arc<LogWriter>,
-    http: reqwest::blocking::Client,
     /// Serialises outbox writes (the thread, replays from the API).
     outbox: Mutex<()>,
     /// When each destination may next send (pacing).
     paced: Mutex<BTreeMap<String, Instant>>,
     /// FCM access tokens and APNs provider tokens.
     credentials: push::Credentials,
-    /// HTTP/2 clients for APNs destinations, by destination.
-    apns_clients: Mutex<BTreeMap<String, reqwest::blocking::Client>>,
+    /// HTTP clients, built on first use (never inside the async runtime): the shared
+    /// one under `""`, and an HTTP/2 one per APNs destination.
+    clients: Mutex<BTreeMap<String, reqwest::blocking::Client>>,
     worker: Mutex<Option<Worker<()>>>,
 }
 
@@ -513,20 +514,15 @@ impl Activation {
         membership: Arc<Membership>,
         writer: Arc<LogWriter>,
     ) -> Result<Arc<Self>, StoreError> {
-        let http = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| StoreError::Start(format!("the activation HTTP client: {e}")))?;
         let activation = Arc::new(Activation {
             store,
             identity,
             membership,
             writer,
-            http,
             outbox: Mutex::new(()),
             paced: Mutex::new(BTreeMap::new()),
             credentials: push::Credentials::default(),
-            apns_clients: Mutex::new(BTreeMap::new()),
+            clients: Mutex::new(BTreeMap::new()),
             worker: Mutex::new(None),
         });
         let engine = Arc::downgrade(&activation);
@@ -548,6 +544,12 @@ impl Activation {
         if let Some(worker) = worker {
             worker.close();
         }
+        // A blocking client must not be dropped inside the async runtime, where the last
+        // reference to the engine may go: drop them here, on the closing thread.
+        self.clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// The destinations.
@@ -737,7 +739,7 @@ impl Activation {
         };
         let status = match url {
             Some(url) => Some(audience::upload(
-                &self.http,
+                &self.http()?,
                 url,
                 secret.as_deref(),
                 segment,
@@ -871,6 +873,7 @@ impl Activation {
             .collect();
         let more = due.len() == SENDS_PER_PASS;
         let mut destinations: BTreeMap<String, Option<Destination>> = BTreeMap::new();
+        let mut timeline: Vec<Vec<u8>> = Vec::new();
         for queued in due {
             let Some(id) = queued
                 .get(prefix.len() + 9..)
@@ -942,12 +945,17 @@ impl Activation {
             {
                 let _outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
                 self.store.apply(Space::Activation, writes)?;
-                self.store.flush()?;
             }
-            if let (Some(outcome), Some(destination)) = (outcome, &destination) {
-                self.record(&delivery, destination, outcome);
+            if let (Some(outcome), Some(destination)) = (outcome, &destination)
+                && let Some(event) = self.timeline_event(&delivery, destination, outcome)
+            {
+                timeline.push(event);
             }
         }
+        // One flush per pass: a crash before it resends (at least once, with the same
+        // idempotency key) what this pass sent.
+        self.store.flush()?;
+        self.record(timeline);
         Ok(more)
     }
 
@@ -978,8 +986,12 @@ impl Activation {
     fn attempt(&self, destination: &Destination, delivery: &Delivery) -> Attempt {
         let target = delivery.target.as_deref().unwrap_or_default();
         let notification = push::Notification::of(&delivery.message);
+        let http = match self.http() {
+            Ok(http) => http,
+            Err(why) => return Attempt::Retry(why),
+        };
         match &destination.provider {
-            Provider::Webhook { url, secret } => webhook::send(&self.http, url, secret, delivery),
+            Provider::Webhook { url, secret } => webhook::send(&http, url, secret, delivery),
             Provider::AudienceExport { .. } => {
                 Attempt::Fatal("an audience export takes no campaign deliveries".to_owned())
             }
@@ -987,7 +999,7 @@ impl Activation {
                 service_account,
                 base_url,
             } => push::fcm_send(
-                &self.http,
+                &http,
                 &self.credentials,
                 &destination.id,
                 service_account,
@@ -1001,7 +1013,7 @@ impl Activation {
                 base_url,
                 ca_certificate,
             } => {
-                let client = match self.apns_client(&destination.id, ca_certificate.as_deref()) {
+                let client = match self.client(&destination.id, ca_certificate.as_deref(), true) {
                     Ok(client) => client,
                     Err(why) => return Attempt::Fatal(why),
                 };
@@ -1026,32 +1038,31 @@ impl Activation {
             Provider::WebPush {
                 vapid_private_key,
                 subject,
-            } => push::web_push_send(
-                &self.http,
-                vapid_private_key,
-                subject,
-                target,
-                &delivery.message,
-            ),
+            } => push::web_push_send(&http, vapid_private_key, subject, target, &delivery.message),
         }
     }
 
-    /// The HTTP/2 client of an APNs destination (trusting its extra root, if any).
-    fn apns_client(
+    /// The shared HTTP client.
+    fn http(&self) -> Result<reqwest::blocking::Client, String> {
+        self.client("", None, false)
+    }
+
+    /// An HTTP client by name, built on first use: HTTP/2 only when `http2`, trusting
+    /// `ca_certificate` besides the system's roots when given.
+    fn client(
         &self,
-        destination: &str,
+        name: &str,
         ca_certificate: Option<&str>,
+        http2: bool,
     ) -> Result<reqwest::blocking::Client, String> {
-        let mut clients = self
-            .apns_clients
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(client) = clients.get(destination) {
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(client) = clients.get(name) {
             return Ok(client.clone());
         }
-        let mut builder = reqwest::blocking::Client::builder()
-            .http2_prior_knowledge()
-            .timeout(Duration::from_secs(10));
+        let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10));
+        if http2 {
+            builder = builder.http2_prior_knowledge();
+        }
         if let Some(pem) = ca_certificate {
             let certificate = reqwest::Certificate::from_pem(pem.as_bytes())
                 .map_err(|e| format!("the destination's ca_certificate: {e}"))?;
@@ -1059,26 +1070,28 @@ impl Activation {
         }
         let client = builder
             .build()
-            .map_err(|e| format!("the APNs client: {e}"))?;
-        clients.insert(destination.to_owned(), client.clone());
+            .map_err(|e| format!("an HTTP client: {e}"))?;
+        clients.insert(name.to_owned(), client.clone());
         Ok(client)
     }
 
-    /// Writes the outcome to the profile's timeline as an event (best effort: the
-    /// delivery's own record is what counts).
-    fn record(&self, delivery: &Delivery, destination: &Destination, outcome: &str) {
-        let event = match (&destination.provider, outcome) {
+    /// The timeline event of a delivery's outcome (`Webhook Delivered`, `Push Sent`,
+    /// `Push Failed`...), for a profile that has a user or anonymous id to carry it.
+    fn timeline_event(
+        &self,
+        delivery: &Delivery,
+        destination: &Destination,
+        outcome: &str,
+    ) -> Option<Vec<u8>> {
+        let name = match (&destination.provider, outcome) {
             (Provider::Webhook { .. } | Provider::AudienceExport { .. }, _) => {
                 format!("Webhook {outcome}")
             }
             (_, "Delivered") => "Push Sent".to_owned(),
             (_, _) => "Push Failed".to_owned(),
         };
-        let profile = match self.identity.profile(&delivery.profile_id) {
-            Ok(Some(profile)) => profile,
-            _ => return,
-        };
-        let identity = profile
+        let profile = self.identity.profile(&delivery.profile_id).ok()??;
+        let (field, value) = profile
             .identifiers
             .iter()
             .find(|i| i.kind == "user_id")
@@ -1089,13 +1102,10 @@ impl Activation {
                     .iter()
                     .find(|i| i.kind == "anonymous_id")
                     .map(|i| ("anonymousId", i.value.clone()))
-            });
-        let Some((field, value)) = identity else {
-            return;
-        };
+            })?;
         let mut event = json!({
             "type": "track",
-            "event": event,
+            "event": name,
             "messageId": format!("kith-delivery-{}-{}", delivery.id, outcome.to_lowercase()),
             "properties": {
                 "delivery_id": delivery.id,
@@ -1107,23 +1117,35 @@ impl Activation {
             },
         });
         event[field] = Value::String(value);
-        let appended = serde_json::from_value(event)
+        let encoded = serde_json::from_value(event)
             .map_err(|e| e.to_string())
             .and_then(|message| {
                 crate::ingest::accept_imported(message, Timestamp::now()).map_err(|(_, why)| why)
-            })
-            .and_then(|encoded| {
-                self.writer
-                    .append_blocking(Append {
-                        source: Arc::from(SOURCE),
-                        events: vec![encoded],
-                        received: 1,
-                        rejected: Vec::new(),
-                    })
-                    .map_err(|e| e.to_string())
             });
+        match encoded {
+            Ok(encoded) => Some(encoded),
+            Err(error) => {
+                tracing::warn!(delivery = delivery.id, %error, "no timeline event for the delivery");
+                None
+            }
+        }
+    }
+
+    /// Appends timeline events in one durable write (best effort: the deliveries' own
+    /// records are what count).
+    fn record(&self, events: Vec<Vec<u8>>) {
+        if events.is_empty() {
+            return;
+        }
+        let received = events.len() as u64;
+        let appended = self.writer.append_blocking(Append {
+            source: Arc::from(SOURCE),
+            events,
+            received,
+            rejected: Vec::new(),
+        });
         if let Err(error) = appended {
-            tracing::warn!(delivery = delivery.id, %error, "the delivery's timeline event was not written");
+            tracing::warn!(%error, "delivery timeline events were not written");
         }
     }
 }

@@ -35,10 +35,17 @@
 //! move a profile into a segment, the latency from the event's receipt to its membership
 //! change, against the durable ingest latency of the same requests (the baseline).
 //!
+//! With `--deliveries N` it measures activation in the real collector: N webhook
+//! deliveries (a campaign on entering a segment) drained from the outbox by a replay,
+//! against the rate of the same signed POSTs sent straight to the same local receiver
+//! (the baseline); then, under a steady load of events that each move a new profile
+//! into the segment, the latency from sending the event to the webhook receiving it,
+//! against the durable ingest latency of the same requests.
+//!
 //! Run: `cargo run --release -p kith-collector --bin kith-load -- --events 500000`,
 //! `... -- --import-mb 200`, `... -- --stitch-identifiers 1000000`,
 //! `... -- --match-people 20000`, `... -- --segment-profiles 1000000`, or
-//! `... -- --membership-profiles 1000000`.
+//! `... -- --membership-profiles 1000000`, or `... -- --deliveries 20000`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -81,6 +88,10 @@ struct Args {
     /// then event-to-membership-change latency under steady load.
     #[arg(long)]
     membership_profiles: Option<usize>,
+    /// Measure activation: this many webhook deliveries drained from the outbox, then
+    /// event-to-webhook latency under steady load.
+    #[arg(long)]
+    deliveries: Option<usize>,
     /// The steady load of the latency measurement, in events per second.
     #[arg(long, default_value_t = 1_000)]
     rate: usize,
@@ -799,6 +810,228 @@ fn membership_benchmark(collector: &std::path::Path, profiles: usize, rate: usiz
     println!("collector peak RSS (VmHWM): {rss:.1} MiB");
 }
 
+/// A local webhook receiver: the moment each campaign message's `user` first arrived.
+struct Receiver {
+    url: String,
+    /// Answer 503 while set.
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    arrived: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
+}
+
+fn receiver() -> Receiver {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+
+    let failing = Arc::new(AtomicBool::new(false));
+    let arrived: Arc<Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+    let (fail, seen) = (failing.clone(), arrived.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let (fail, seen) = (fail.clone(), seen.clone());
+            async move {
+                if fail.load(Ordering::Relaxed) {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let user = body["message"]["user"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                seen.lock()
+                    .expect("receiver")
+                    .entry(user)
+                    .or_insert_with(Instant::now);
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                axum::serve(listener, app).await.expect("serve");
+            });
+    });
+    Receiver {
+        url,
+        failing,
+        arrived,
+    }
+}
+
+fn activation_benchmark(collector: &std::path::Path, deliveries: usize, rate: usize, seconds: u64) {
+    let receiver = receiver();
+    let http = reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .expect("client");
+    println!("kith-load: activation, {deliveries} webhook deliveries");
+
+    // Baseline: the same signed POSTs, one after another, straight to the receiver.
+    let started = Instant::now();
+    for i in 0..deliveries {
+        let body = json!({"id": i, "idempotency_key": format!("baseline:{i}"), "campaign": "c",
+                          "profile_id": format!("prf_{i}"), "segment": "pro", "type": "entered",
+                          "message": {"user": format!("baseline-{i}")}})
+        .to_string();
+        let t = jiff::Timestamp::now().as_second();
+        let signature = kith_collector::activation::webhook::sign("secret", t, body.as_bytes());
+        http.post(&receiver.url)
+            .header("content-type", "application/json")
+            .header("idempotency-key", format!("baseline:{i}"))
+            .header("kith-signature", format!("t={t},v1={signature}"))
+            .body(body)
+            .send()
+            .and_then(|r| r.error_for_status())
+            .expect("baseline POST");
+    }
+    let baseline = deliveries as f64 / started.elapsed().as_secs_f64();
+    println!("baseline: signed POSTs straight to the receiver, one at a time: {baseline:.0}/s");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, url) = kith_collector::child::spawn(
+        collector,
+        dir.path(),
+        WRITE_KEY,
+        ADMIN_TOKEN,
+        &["--identity"],
+    )
+    .unwrap_or_else(|e| panic!("cannot start {}: {e}", collector.display()));
+    let post = |path: &str, body: Value| {
+        admin(
+            &http,
+            reqwest::Method::POST,
+            &format!("{url}{path}"),
+            Some(&body),
+        )
+    };
+    let get = |path: &str| admin(&http, reqwest::Method::GET, &format!("{url}{path}"), None);
+    post(
+        "/v1/segments",
+        json!({"key": "pro", "definition": "traits.plan = \"pro\""}),
+    );
+    let destination = post(
+        "/v1/destinations",
+        json!({"type": "webhook", "url": receiver.url, "secret": "secret", "max_attempts": 1}),
+    );
+    post(
+        "/v1/campaigns",
+        json!({"trigger": {"type": "segment_entered", "segment": "pro"},
+               "destination": destination["id"], "template": {"user": "{{traits.user}}"}}),
+    );
+
+    // Fill the outbox: the receiver answers 503, so every delivery fails once and is dead.
+    receiver.failing.store(true, Ordering::Relaxed);
+    let events: Vec<Value> = (0..deliveries)
+        .map(|i| {
+            json!({"type": "identify", "userId": format!("u{i}"),
+                        "traits": {"plan": "pro", "user": format!("u{i}")}})
+        })
+        .collect();
+    send_events(&http, &url, &events);
+    caught_up(&http, &url);
+    loop {
+        let last = get(&format!("/v1/deliveries?after={}&limit=1", deliveries - 1));
+        let pending = get("/v1/deliveries?state=pending&limit=1");
+        let created = last["deliveries"].as_array().is_some_and(|d| !d.is_empty());
+        let waiting = pending["deliveries"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty());
+        if created && !waiting {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Drain: replay them all and time until the receiver has every one.
+    receiver.failing.store(false, Ordering::Relaxed);
+    let started = Instant::now();
+    post("/v1/deliveries/replay", json!({}));
+    while receiver.arrived.lock().expect("receiver").len() < deliveries * 2 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let drained = deliveries as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "collector outbox drained to the receiver: {drained:.0} deliveries/s; ratio to the baseline {:.2}",
+        drained / baseline
+    );
+
+    // Latency under steady load: each event brings a new profile into the segment.
+    let per_tick = rate.div_ceil(100).max(1);
+    let mut sent: Vec<(String, Instant)> = Vec::new();
+    let mut acks: Vec<Duration> = Vec::new();
+    let started = Instant::now();
+    for tick in 0..seconds * 100 {
+        let due = started + Duration::from_millis(tick * 10);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let users: Vec<String> = (0..per_tick)
+            .map(|k| format!("live-{}", sent.len() + k))
+            .collect();
+        let batch: Vec<Value> = users
+            .iter()
+            .map(|user| json!({"type": "identify", "userId": user, "traits": {"plan": "pro", "user": user}}))
+            .collect();
+        let at = Instant::now();
+        sent.extend(users.into_iter().map(|user| (user, at)));
+        http.post(format!("{url}/v1/batch"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!({ "batch": batch }))
+            .send()
+            .and_then(|r| r.error_for_status())
+            .expect("batch accepted");
+        acks.push(at.elapsed());
+    }
+    let offered = sent.len() as f64 / started.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut latencies: Vec<Duration> = loop {
+        let arrived = receiver.arrived.lock().expect("receiver");
+        let found: Vec<Duration> = sent
+            .iter()
+            .filter_map(|(user, at)| arrived.get(user).map(|t| t.duration_since(*at)))
+            .collect();
+        if found.len() == sent.len() || Instant::now() > deadline {
+            break found;
+        }
+        drop(arrived);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        latencies.len(),
+        sent.len(),
+        "every event reached the webhook"
+    );
+    latencies.sort();
+    acks.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "steady load: {} events at {offered:.0} events/s for {seconds} s",
+        sent.len()
+    );
+    println!(
+        "baseline: durable ingest (HTTP 200 after fsync) p50 {:.1} ms, p99 {:.1} ms",
+        ms(percentile(&acks, 0.5)),
+        ms(percentile(&acks, 0.99))
+    );
+    println!(
+        "event sent to webhook received: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; ratio p99 / ingest p99 {:.1}",
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.99)),
+        ms(*latencies.last().expect("latencies")),
+        ms(percentile(&latencies, 0.99)) / ms(percentile(&acks, 0.99))
+    );
+}
+
 fn main() {
     let args = Args::parse();
     if let Some(profiles) = args.segment_profiles {
@@ -819,6 +1052,10 @@ fn main() {
     });
     if let Some(mb) = args.import_mb {
         import_benchmark(&collector, mb);
+        return;
+    }
+    if let Some(deliveries) = args.deliveries {
+        activation_benchmark(&collector, deliveries, args.rate, args.seconds);
         return;
     }
     if let Some(profiles) = args.membership_profiles {
