@@ -1038,7 +1038,15 @@ impl Activation {
             Provider::WebPush {
                 vapid_private_key,
                 subject,
-            } => push::web_push_send(&http, vapid_private_key, subject, target, &delivery.message),
+            } => push::web_push_send(
+                &http,
+                &self.credentials,
+                &destination.id,
+                vapid_private_key,
+                subject,
+                target,
+                &delivery.message,
+            ),
         }
     }
 

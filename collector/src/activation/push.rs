@@ -13,7 +13,7 @@
 //! - **Web Push**: the payload encrypted per RFC 8291 (`aes128gcm`: ECDH P-256 with the
 //!   subscription's `p256dh`, HKDF-SHA256 with its `auth` secret, AES-128-GCM), and the
 //!   request authorised per RFC 8292 (VAPID: an ES256 JWT for the push service's origin,
-//!   with the application server's public key). `404` and `410` retire the subscription.
+//!   with the application server's public key; signed for 12 hours, reused for one). `404` and `410` retire the subscription.
 //!
 //! A campaign's rendered message gives `title`, `body` and `data` (an object).
 
@@ -45,6 +45,8 @@ pub const APNS_BASE: &str = "https://api.push.apple.com";
 const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 /// How long an APNs provider token is reused (Apple refuses ones older than an hour).
 const APNS_TOKEN_LIFE: Duration = Duration::from_secs(50 * 60);
+/// How long a VAPID header is reused (it is signed for 12 hours).
+const VAPID_REUSE: Duration = Duration::from_secs(3600);
 /// Web Push record size (one record: the payload is small).
 const RECORD_SIZE: u32 = 4096;
 
@@ -440,6 +442,8 @@ pub fn vapid_public(key: &p256::ecdsa::SigningKey) -> String {
 /// Sends one Web Push message.
 pub fn web_push_send(
     http: &reqwest::blocking::Client,
+    credentials: &Credentials,
+    destination: &str,
     vapid: &str,
     subject: &str,
     subscription: &str,
@@ -449,10 +453,6 @@ pub fn web_push_send(
         Ok(s) => s,
         Err(e) => return Attempt::Gone(format!("not a push subscription: {e}")),
     };
-    let key = match vapid_key(vapid) {
-        Ok(key) => key,
-        Err(e) => return Attempt::Fatal(format!("the VAPID key: {e}")),
-    };
     let Ok(endpoint) = reqwest::Url::parse(&subscription.endpoint) else {
         return Attempt::Gone(format!("bad endpoint {:?}", subscription.endpoint));
     };
@@ -460,22 +460,33 @@ pub fn web_push_send(
         Ok(body) => body,
         Err(e) => return Attempt::Gone(format!("cannot encrypt for the subscription: {e}")),
     };
+    // One VAPID header per push service origin, signed for 12 hours and reused for one.
     let audience = endpoint.origin().ascii_serialization();
-    let exp = Timestamp::now().as_second() + 12 * 3600;
-    let token = jwt(
-        &json!({"typ": "JWT", "alg": "ES256"}),
-        &json!({"aud": audience, "exp": exp, "sub": subject}),
-        |input| {
-            let signature: p256::ecdsa::Signature = key.sign(input);
-            signature.to_bytes().to_vec()
-        },
-    );
+    let cache_key = format!("{destination}\0{audience}");
+    let authorization = match credentials.get(&cache_key) {
+        Some(header) => header,
+        None => {
+            let key = match vapid_key(vapid) {
+                Ok(key) => key,
+                Err(e) => return Attempt::Fatal(format!("the VAPID key: {e}")),
+            };
+            let exp = Timestamp::now().as_second() + 12 * 3600;
+            let token = jwt(
+                &json!({"typ": "JWT", "alg": "ES256"}),
+                &json!({"aud": audience, "exp": exp, "sub": subject}),
+                |input| {
+                    let signature: p256::ecdsa::Signature = key.sign(input);
+                    signature.to_bytes().to_vec()
+                },
+            );
+            let header = format!("vapid t={token}, k={}", vapid_public(&key));
+            credentials.put(&cache_key, &header, VAPID_REUSE);
+            header
+        }
+    };
     let response = match http
         .post(endpoint)
-        .header(
-            "authorization",
-            format!("vapid t={token}, k={}", vapid_public(&key)),
-        )
+        .header("authorization", authorization)
         .header("content-encoding", "aes128gcm")
         .header("content-type", "application/octet-stream")
         .header("ttl", "86400")

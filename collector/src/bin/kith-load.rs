@@ -38,8 +38,9 @@
 //! With `--deliveries N` it measures activation in the real collector: N webhook
 //! deliveries (a campaign on entering a segment) drained from the outbox by a replay,
 //! against the rate of the same signed POSTs sent straight to the same local receiver
-//! (the baseline); then, under a steady load of events that each move a new profile
-//! into the segment, the latency from sending the event to the webhook receiving it,
+//! (the baseline); then, under a steady load of events that each bring a new profile
+//! with a Web Push subscription into a segment whose campaign pushes to it, the latency
+//! from sending the event to the local push service receiving the encrypted push,
 //! against the durable ingest latency of the same requests.
 //!
 //! Run: `cargo run --release -p kith-collector --bin kith-load -- --events 500000`,
@@ -825,27 +826,45 @@ fn receiver() -> Receiver {
     let failing = Arc::new(AtomicBool::new(false));
     let arrived: Arc<Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
     let (fail, seen) = (failing.clone(), arrived.clone());
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let (fail, seen) = (fail.clone(), seen.clone());
-            async move {
-                if fail.load(Ordering::Relaxed) {
-                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+    let pushed = arrived.clone();
+    let app = axum::Router::new()
+        .route(
+            "/push/{user}",
+            axum::routing::post(
+                move |axum::extract::Path(user): axum::extract::Path<String>| {
+                    let pushed = pushed.clone();
+                    async move {
+                        pushed
+                            .lock()
+                            .expect("receiver")
+                            .entry(user)
+                            .or_insert_with(Instant::now);
+                        axum::http::StatusCode::CREATED
+                    }
+                },
+            ),
+        )
+        .route(
+            "/hook",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let (fail, seen) = (fail.clone(), seen.clone());
+                async move {
+                    if fail.load(Ordering::Relaxed) {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let user = body["message"]["user"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    seen.lock()
+                        .expect("receiver")
+                        .entry(user)
+                        .or_insert_with(Instant::now);
+                    axum::http::StatusCode::OK
                 }
-                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                let user = body["message"]["user"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-                seen.lock()
-                    .expect("receiver")
-                    .entry(user)
-                    .or_insert_with(Instant::now);
-                axum::http::StatusCode::OK
-            }
-        }),
-    );
+            }),
+        );
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
@@ -963,7 +982,29 @@ fn activation_benchmark(collector: &std::path::Path, deliveries: usize, rate: us
         drained / baseline
     );
 
-    // Latency under steady load: each event brings a new profile into the segment.
+    // Latency under steady load: each event brings a new profile, with a Web Push
+    // subscription to the receiver, into a segment whose campaign pushes to it.
+    use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+    let b64 = |bytes: &[u8]| kith_collector::activation::push::b64url(bytes);
+    let vapid = p256::SecretKey::random(&mut rand_core::OsRng);
+    let browser = p256::SecretKey::random(&mut rand_core::OsRng);
+    let keys = json!({"p256dh": b64(browser.public_key().to_encoded_point(false).as_bytes()),
+                      "auth": b64(&[7u8; 16])});
+    post(
+        "/v1/segments",
+        json!({"key": "live", "definition": "traits.wave = \"live\""}),
+    );
+    let push = post(
+        "/v1/destinations",
+        json!({"type": "web_push", "vapid_private_key": b64(&vapid.to_bytes()),
+               "subject": "mailto:load@example.com"}),
+    );
+    post(
+        "/v1/campaigns",
+        json!({"trigger": {"type": "segment_entered", "segment": "live"},
+               "destination": push["id"], "template": {"title": "Hi {{traits.user}}"}}),
+    );
+    let push_base = receiver.url.replace("/hook", "/push");
     let per_tick = rate.div_ceil(100).max(1);
     let mut sent: Vec<(String, Instant)> = Vec::new();
     let mut acks: Vec<Duration> = Vec::new();
@@ -978,7 +1019,11 @@ fn activation_benchmark(collector: &std::path::Path, deliveries: usize, rate: us
             .collect();
         let batch: Vec<Value> = users
             .iter()
-            .map(|user| json!({"type": "identify", "userId": user, "traits": {"plan": "pro", "user": user}}))
+            .map(|user| {
+                let subscription = json!({"endpoint": format!("{push_base}/{user}"), "keys": keys});
+                json!({"type": "identify", "userId": user, "traits": {"wave": "live", "user": user},
+                       "context": {"device": {"token": subscription.to_string(), "tokenProvider": "webpush"}}})
+            })
             .collect();
         let at = Instant::now();
         sent.extend(users.into_iter().map(|user| (user, at)));
@@ -1024,7 +1069,7 @@ fn activation_benchmark(collector: &std::path::Path, deliveries: usize, rate: us
         ms(percentile(&acks, 0.99))
     );
     println!(
-        "event sent to webhook received: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; ratio p99 / ingest p99 {:.1}",
+        "event sent to Web Push received (encrypted, VAPID-signed): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; ratio p99 / ingest p99 {:.1}",
         ms(percentile(&latencies, 0.5)),
         ms(percentile(&latencies, 0.99)),
         ms(*latencies.last().expect("latencies")),
