@@ -4,7 +4,11 @@
 //!
 //! The way an event travels: [`ingest`] (HTTP, auth, validation, enrichment) →
 //! [`writer`] (group commit onto the durable log in [`store`]) → [`pipeline`] (stages:
-//! deduplicate, persist) → [`admin`] (queries, live tail, counters from [`stats`]).
+//! [`processing`], deduplicate, then with identity resolution on [`identity`],
+//! [`segments`] and [`activation`]; then stored) → [`admin`] (queries, live tail,
+//! counters from [`stats`]). Batch sources enter through [`imports`]; segment
+//! memberships and campaign deliveries also move on their own threads (timers, the
+//! outbox).
 
 pub mod activation;
 pub mod admin;

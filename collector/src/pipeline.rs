@@ -6,7 +6,8 @@
 //! (the event moves to the failed-events store, as it came in, to be replayed). The
 //! stages are processing ([`crate::processing::Process`]) then [`Deduplicate`], so that
 //! only events that are kept claim their `messageId`, and a replayed event is not taken
-//! for a duplicate of itself; identity, segments and activation join the same list.
+//! for a duplicate of itself; with identity resolution on, identity, segments and
+//! activation follow, in that order.
 //!
 //! Storing is the runner's last step, not a stage, because the log is also the event
 //! store: an event that passed every stage is indexed (and written back in place if a
