@@ -17,6 +17,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::webhook;
+use crate::segments::api::csv_field;
 
 /// The header row.
 pub const HEADER: &str = "Email,Phone,First Name,Last Name,Country,Zip";
@@ -61,14 +62,6 @@ fn trait_text(profile: &Profile, names: &[&str]) -> Option<String> {
                     .map(|t| t.value.to_string())
             })
     })
-}
-
-fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_owned()
-    }
 }
 
 /// The CSV row of a profile, or none when it has neither email nor phone.

@@ -708,15 +708,9 @@ impl Activation {
         let mut csv = String::from(audience::HEADER);
         csv.push('\n');
         let (mut rows, mut skipped) = (0, 0);
-        let mut after: Option<String> = None;
-        loop {
-            let (page, _) = self
-                .membership
-                .members(segment, after.as_deref(), 1_000)
-                .map_err(|e| e.to_string())?;
-            for id in &page {
-                let profile = self.identity.profile(id).map_err(|e| e.to_string())?;
-                match profile.as_ref().and_then(audience::row) {
+        self.membership
+            .each_member(segment, |id| {
+                match self.identity.profile(id)?.as_ref().and_then(audience::row) {
                     Some(row) => {
                         csv.push_str(&row);
                         csv.push('\n');
@@ -724,12 +718,9 @@ impl Activation {
                     }
                     None => skipped += 1,
                 }
-            }
-            if page.len() < 1_000 {
-                break;
-            }
-            after = page.last().cloned();
-        }
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
         let file = match directory {
             Some(dir) => Some(
                 audience::write_file(std::path::Path::new(dir), segment, &csv)

@@ -631,6 +631,23 @@ fn send_events(http: &reqwest::blocking::Client, url: &str, events: &[Value]) {
     });
 }
 
+/// Prints the ingest latency (the baseline) and `what`'s latency, both sorted.
+fn report_latency(what: &str, acks: &[Duration], latencies: &[Duration]) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "baseline: durable ingest (HTTP 200 after fsync) p50 {:.1} ms, p99 {:.1} ms",
+        ms(percentile(acks, 0.5)),
+        ms(percentile(acks, 0.99))
+    );
+    println!(
+        "{what}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; ratio p99 / ingest p99 {:.1}",
+        ms(percentile(latencies, 0.5)),
+        ms(percentile(latencies, 0.99)),
+        ms(*latencies.last().expect("latencies")),
+        ms(percentile(latencies, 0.99)) / ms(percentile(acks, 0.99))
+    );
+}
+
 /// Waits until a segment is computed for every profile.
 fn wait_ready(http: &reqwest::blocking::Client, url: &str, key: &str) {
     loop {
@@ -792,21 +809,13 @@ fn membership_benchmark(collector: &std::path::Path, profiles: usize, rate: usiz
     assert_eq!(latencies.len(), n, "one change per event");
     latencies.sort();
     acks.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
         "steady load: {n} events at {offered:.0} events/s for {seconds} s, {per_tick} per 10 ms batch"
     );
-    println!(
-        "baseline: durable ingest (HTTP 200 after fsync) p50 {:.1} ms, p99 {:.1} ms",
-        ms(percentile(&acks, 0.5)),
-        ms(percentile(&acks, 0.99))
-    );
-    println!(
-        "event received to membership change recorded: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; ratio p99 / ingest p99 {:.1}",
-        ms(percentile(&latencies, 0.5)),
-        ms(percentile(&latencies, 0.99)),
-        ms(*latencies.last().expect("latencies")),
-        ms(percentile(&latencies, 0.99)) / ms(percentile(&acks, 0.99))
+    report_latency(
+        "event received to membership change recorded",
+        &acks,
+        &latencies,
     );
     println!("collector peak RSS (VmHWM): {rss:.1} MiB");
 }
@@ -1058,22 +1067,14 @@ fn activation_benchmark(collector: &std::path::Path, deliveries: usize, rate: us
     );
     latencies.sort();
     acks.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
         "steady load: {} events at {offered:.0} events/s for {seconds} s",
         sent.len()
     );
-    println!(
-        "baseline: durable ingest (HTTP 200 after fsync) p50 {:.1} ms, p99 {:.1} ms",
-        ms(percentile(&acks, 0.5)),
-        ms(percentile(&acks, 0.99))
-    );
-    println!(
-        "event sent to Web Push received (encrypted, VAPID-signed): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; ratio p99 / ingest p99 {:.1}",
-        ms(percentile(&latencies, 0.5)),
-        ms(percentile(&latencies, 0.99)),
-        ms(*latencies.last().expect("latencies")),
-        ms(percentile(&latencies, 0.99)) / ms(percentile(&acks, 0.99))
+    report_latency(
+        "event sent to Web Push received (encrypted, VAPID-signed)",
+        &acks,
+        &latencies,
     );
 }
 

@@ -388,7 +388,7 @@ async fn members(
 }
 
 /// One CSV field, quoted when it holds a comma, a quote or a line break.
-fn csv_field(text: &str) -> String {
+pub(crate) fn csv_field(text: &str) -> String {
     if text.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", text.replace('"', "\"\""))
     } else {
@@ -409,39 +409,32 @@ async fn export(
             return Ok(None);
         }
         let mut out = String::from("profile_id,user_ids,emails,phones,traits\n");
-        let mut after: Option<String> = None;
-        loop {
-            let (page, _) = membership.members(&wanted, after.as_deref(), MAX_LIMIT)?;
-            for id in &page {
-                let Some(profile) = identity.profile(id)? else {
-                    continue;
-                };
-                let of = |kind: &str| {
-                    profile
-                        .identifiers
-                        .iter()
-                        .filter(|i| i.kind == kind)
-                        .map(|i| i.value.clone())
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                };
-                let traits = Value::Object(profile.trait_values()).to_string();
-                let row = [
-                    profile.id.clone(),
-                    of("user_id"),
-                    of("email"),
-                    of("phone"),
-                    traits,
-                ];
-                let fields: Vec<String> = row.iter().map(|f| csv_field(f)).collect();
-                out.push_str(&fields.join(","));
-                out.push('\n');
-            }
-            if page.len() < MAX_LIMIT {
-                break;
-            }
-            after = page.last().cloned();
-        }
+        membership.each_member(&wanted, |id| {
+            let Some(profile) = identity.profile(id)? else {
+                return Ok(());
+            };
+            let of = |kind: &str| {
+                profile
+                    .identifiers
+                    .iter()
+                    .filter(|i| i.kind == kind)
+                    .map(|i| i.value.clone())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let traits = Value::Object(profile.trait_values()).to_string();
+            let row = [
+                profile.id.clone(),
+                of("user_id"),
+                of("email"),
+                of("phone"),
+                traits,
+            ];
+            let fields: Vec<String> = row.iter().map(|f| csv_field(f)).collect();
+            out.push_str(&fields.join(","));
+            out.push('\n');
+            Ok(())
+        })?;
         Ok(Some(out))
     })
     .await?

@@ -360,6 +360,30 @@ impl Membership {
         Ok((page, self.store.count(Space::Membership, &prefix)?))
     }
 
+    /// Calls `visit` with every member of a segment, in id order, a page at a time.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure, or what `visit` answers.
+    pub fn each_member(
+        &self,
+        segment: &str,
+        mut visit: impl FnMut(&str) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        const PAGE: usize = 1_000;
+        let mut after: Option<String> = None;
+        loop {
+            let (page, _) = self.members(segment, after.as_deref(), PAGE)?;
+            for id in &page {
+                visit(id)?;
+            }
+            if page.len() < PAGE {
+                return Ok(());
+            }
+            after = page.last().cloned();
+        }
+    }
+
     /// Membership changes numbered after `after`, oldest first, at most `limit`, of a
     /// segment and a profile when given.
     ///
