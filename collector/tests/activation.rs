@@ -392,6 +392,11 @@ fn bad_destinations_and_campaigns_get_clear_errors() {
         (400, "destination_in_use".to_owned())
     );
     assert_eq!(
+        error_code(delete("/v1/segments/pro")),
+        (400, "segment_in_use".to_owned()),
+        "a campaign is triggered by it"
+    );
+    assert_eq!(
         delete(&format!("/v1/campaigns/{campaign_id}")).status(),
         200
     );

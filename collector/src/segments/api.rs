@@ -302,6 +302,7 @@ async fn remove(
     Path(key): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let membership = membership(&state)?;
+    let activation = state.activation.clone();
     let store = state.store.clone();
     let wanted = key.clone();
     blocking(move || -> Result<(), ApiError> {
@@ -318,6 +319,21 @@ async fn remove(
                 format!(
                     "segment {:?} references it; change that one first",
                     user.key
+                ),
+            ));
+        }
+        if let Some(campaign) = activation
+            .map(|a| a.campaigns())
+            .transpose()?
+            .into_iter()
+            .flatten()
+            .find(|c| c.trigger.segment() == wanted)
+        {
+            return Err(ApiError::invalid(
+                "segment_in_use",
+                format!(
+                    "campaign {:?} is triggered by it; delete that one first",
+                    campaign.id
                 ),
             ));
         }
