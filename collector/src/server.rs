@@ -254,9 +254,12 @@ impl Collector {
         if let (Some(identity), Some(membership), Some(activation)) =
             (&identity, &membership, &activation)
         {
+            let more: Arc<dyn segments::live::MoreIdentifiers> = activation.clone();
+            membership.add_identifiers(Arc::downgrade(&more));
             stages.push(Box::new(identity.stage()));
+            stages.push(Box::new(activation.tokens_stage()));
             stages.push(Box::new(membership.stage()));
-            stages.push(Box::new(activation.stage()));
+            stages.push(Box::new(activation.events_stage()));
         }
         let pipeline = Pipeline::new(store.clone(), stats.clone(), stages, live.clone())
             .start(wake.clone())

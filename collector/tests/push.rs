@@ -285,6 +285,10 @@ fn fcm_exchanges_a_signed_jwt_sends_once_and_retires_unregistered_tokens() {
     let addr = fcm_server(&fcm);
     let h = Harness::with_identity();
     let destination = fcm_campaign(&h, addr);
+    h.create(
+        "/v1/segments",
+        json!({"key": "reachable", "definition": "has push_token_fcm"}),
+    );
     let shown: Value = h
         .admin_get(&format!("/v1/destinations/{destination}"))
         .json()
@@ -325,6 +329,30 @@ fn fcm_exchanges_a_signed_jwt_sends_once_and_retires_unregistered_tokens() {
     assert!(
         tokens(&h, "bo").is_empty(),
         "the unregistered token is gone"
+    );
+    // `has push_token_fcm`: both entered with their tokens; bo left when his was retired.
+    let body: Value = h
+        .admin_get("/v1/membership-changes?segment=reachable")
+        .json()
+        .expect("json");
+    let reachable: Vec<(&str, &str)> = body["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| {
+            (
+                c["type"].as_str().expect("type"),
+                c["cause"].as_str().expect("cause"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reachable,
+        [
+            ("entered", "event"),
+            ("entered", "event"),
+            ("exited", "profile")
+        ]
     );
     assert_eq!(
         tokens(&h, "ann"),

@@ -844,7 +844,9 @@ impl Activation {
                 None,
             );
         }
-        self.store.apply(Space::Activation, writes)
+        self.store.apply(Space::Activation, writes)?;
+        // `has push_token` may no longer hold.
+        self.membership.touch(profile)
     }
 
     /// Sends the deliveries that are due; answers whether more are due.
@@ -1284,14 +1286,78 @@ impl Plan<'_> {
     }
 }
 
-/// The activation pipeline stage, after segments:
-///
-/// - keeps the push tokens events carry (`context.device.token`, with
-///   `context.device.tokenProvider`, else `apns` for an iOS device and `fcm` otherwise:
-///   what Segment's mobile libraries send) on the event's profile;
-/// - fires the campaigns an event triggers (`track` events named by an `event` trigger,
-///   from a profile in its segment, memberships as this chunk left them), at most once
-///   per event and campaign: a mark is written with the deliveries.
+/// The push-token pipeline stage, after identity and before segments: keeps the push
+/// tokens events carry (`context.device.token`, with `context.device.tokenProvider`,
+/// else `apns` for an iOS device and `fcm` otherwise: what Segment's mobile libraries
+/// send) on the event's profile, so that `has push_token` segments see them at once.
+#[derive(Debug)]
+pub struct Tokens {
+    activation: Arc<Activation>,
+    seen: Mutex<Writes>,
+}
+
+impl crate::pipeline::Stage for Tokens {
+    fn name(&self) -> &'static str {
+        "push tokens"
+    }
+
+    fn begin_chunk(&self) {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    fn process(
+        &self,
+        event: &mut crate::store::StoredEvent,
+    ) -> Result<crate::pipeline::Outcome, StoreError> {
+        let context = event.message.common().context.as_ref();
+        let profile = context
+            .and_then(|c| c.get("kith"))
+            .and_then(|k| k.get("profile_id"))
+            .and_then(Value::as_str);
+        if let (Some(device), Some(profile)) = (context.and_then(|c| c.get("device")), profile)
+            && let Some(token) = device
+                .get("token")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty() && t.len() <= 4_096)
+        {
+            let provider = match device.get("tokenProvider").and_then(Value::as_str) {
+                Some(provider) => provider.to_owned(),
+                None if device
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| t.eq_ignore_ascii_case("ios")) =>
+                {
+                    "apns".to_owned()
+                }
+                None => "fcm".to_owned(),
+            };
+            self.seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(
+                    key(
+                        b't',
+                        &[profile.as_bytes(), provider.as_bytes(), token.as_bytes()],
+                    ),
+                    Some(event.seq.to_be_bytes().to_vec()),
+                );
+        }
+        Ok(crate::pipeline::Outcome::Continue)
+    }
+
+    fn end_chunk(&self) -> Result<(), StoreError> {
+        let seen = std::mem::take(&mut *self.seen.lock().unwrap_or_else(PoisonError::into_inner));
+        self.activation.store.apply(Space::Activation, seen)
+    }
+}
+
+/// The campaign pipeline stage, after segments: fires the campaigns an event triggers
+/// (`track` events named by an `event` trigger, from a profile in its segment,
+/// memberships as this chunk left them), at most once per event and campaign: a mark is
+/// written with the deliveries.
 #[derive(Debug)]
 pub struct Events {
     activation: Arc<Activation>,
@@ -1301,7 +1367,6 @@ pub struct Events {
 /// What the stage gathered in a chunk.
 #[derive(Debug, Default)]
 struct EventsChunk {
-    tokens: Writes,
     /// Event campaigns, read once a chunk.
     campaigns: Option<Vec<Campaign>>,
     /// `track` events some event campaign names: (seq, profile, name, received).
@@ -1309,8 +1374,16 @@ struct EventsChunk {
 }
 
 impl Activation {
-    /// The pipeline stage.
-    pub fn stage(self: &Arc<Self>) -> Events {
+    /// The push-token stage (before segments).
+    pub fn tokens_stage(self: &Arc<Self>) -> Tokens {
+        Tokens {
+            activation: self.clone(),
+            seen: Mutex::new(Writes::new()),
+        }
+    }
+
+    /// The campaign stage (after segments).
+    pub fn events_stage(self: &Arc<Self>) -> Events {
         Events {
             activation: self.clone(),
             chunk: Mutex::new(EventsChunk::default()),
@@ -1318,9 +1391,24 @@ impl Activation {
     }
 }
 
+impl crate::segments::live::MoreIdentifiers for Activation {
+    /// `push_token` when the profile has any, and `push_token_{provider}` per provider.
+    fn identifier_types(
+        &self,
+        profile: &str,
+    ) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let mut types = std::collections::BTreeSet::new();
+        for (provider, _) in self.tokens(profile, None)? {
+            types.insert("push_token".to_owned());
+            types.insert(format!("push_token_{provider}"));
+        }
+        Ok(types)
+    }
+}
+
 impl crate::pipeline::Stage for Events {
     fn name(&self) -> &'static str {
-        "activation"
+        "campaigns"
     }
 
     fn begin_chunk(&self) {
@@ -1341,31 +1429,6 @@ impl crate::pipeline::Stage for Events {
             return Ok(crate::pipeline::Outcome::Continue);
         };
         let mut chunk = self.chunk.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(device) = context.and_then(|c| c.get("device"))
-            && let Some(token) = device
-                .get("token")
-                .and_then(Value::as_str)
-                .filter(|t| !t.is_empty() && t.len() <= 4_096)
-        {
-            let provider = match device.get("tokenProvider").and_then(Value::as_str) {
-                Some(provider) => provider.to_owned(),
-                None if device
-                    .get("type")
-                    .and_then(Value::as_str)
-                    .is_some_and(|t| t.eq_ignore_ascii_case("ios")) =>
-                {
-                    "apns".to_owned()
-                }
-                None => "fcm".to_owned(),
-            };
-            chunk.tokens.insert(
-                key(
-                    b't',
-                    &[profile.as_bytes(), provider.as_bytes(), token.as_bytes()],
-                ),
-                Some(event.seq.to_be_bytes().to_vec()),
-            );
-        }
         if let kith_sdk_core::protocol::Message::Track(track) = &event.message
             && let Some(name) = &track.event
         {
@@ -1398,7 +1461,6 @@ impl crate::pipeline::Stage for Events {
     fn end_chunk(&self) -> Result<(), StoreError> {
         let chunk = std::mem::take(&mut *self.chunk.lock().unwrap_or_else(PoisonError::into_inner));
         let activation = &self.activation;
-        activation.store.apply(Space::Activation, chunk.tokens)?;
         if chunk.fired.is_empty() {
             return Ok(());
         }

@@ -151,7 +151,12 @@ fn check_references(
 
 /// The live profiles meeting `tree` (evaluated with the stored segments it references),
 /// in id order: a preview, computed from scratch.
-fn members_of(store: &Store, identity: &Identity, tree: &Expr) -> Result<Vec<Profile>, StoreError> {
+fn members_of(
+    store: &Store,
+    identity: &Identity,
+    membership: &Membership,
+    tree: &Expr,
+) -> Result<Vec<Profile>, StoreError> {
     const PREVIEW: &str = "\0preview";
     let mut segments: Vec<(String, Expr)> =
         all(store)?.into_values().map(|s| (s.key, s.tree)).collect();
@@ -161,8 +166,7 @@ fn members_of(store: &Store, identity: &Identity, tree: &Expr) -> Result<Vec<Pro
     let mut found = Vec::new();
     for profile in identity.live_profiles()? {
         let traits = profile.trait_values();
-        let identifiers: BTreeSet<String> =
-            profile.identifiers.iter().map(|i| i.kind.clone()).collect();
+        let identifiers = membership.identifier_types(&profile)?;
         let mut state = Memberships::default();
         catalog.update(
             &mut state,
@@ -349,6 +353,7 @@ async fn remove(
 
 async fn preview(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let identity = identity(&state)?;
+    let membership = membership(&state)?;
     let body = parse_body(&body)?;
     let tree = parse_definition(&body.definition)?;
     let segments = {
@@ -357,7 +362,7 @@ async fn preview(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json
     };
     check_references("(preview)", &tree, &segments)?;
     let store = state.store.clone();
-    let found = blocking(move || members_of(&store, &identity, &tree)).await?;
+    let found = blocking(move || members_of(&store, &identity, &membership, &tree)).await?;
     let sample: Vec<&String> = found.iter().take(SAMPLE).map(|p| &p.id).collect();
     Ok(Json(json!({"count": found.len(), "sample": sample})))
 }

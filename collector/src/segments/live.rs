@@ -59,7 +59,7 @@ fn timer_key(due: Timestamp, profile: &str) -> Vec<u8> {
 pub enum Cause {
     /// An event of the profile (the last one of its chunk).
     Event,
-    /// A merge, split or deletion changed the profile.
+    /// A merge, split or deletion changed the profile, or a push token was removed.
     Profile,
     /// A window passed.
     Time,
@@ -141,9 +141,21 @@ enum Job {
     Tick,
 }
 
+/// Identifier types a profile has outside the identity graph (push tokens, kept by
+/// activation), for `has` conditions.
+pub trait MoreIdentifiers: Send + Sync + std::fmt::Debug {
+    /// The extra identifier types of a live profile.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    fn identifier_types(&self, profile: &str) -> Result<BTreeSet<String>, StoreError>;
+}
+
 /// The membership engine of a collector.
 #[derive(Debug)]
 pub struct Membership {
+    more: RwLock<Option<std::sync::Weak<dyn MoreIdentifiers>>>,
     store: Arc<Store>,
     identity: Arc<Identity>,
     catalog: RwLock<Arc<Catalog>>,
@@ -211,6 +223,7 @@ impl Membership {
         segments: &[Segment],
     ) -> Result<Arc<Self>, StoreError> {
         let membership = Arc::new(Membership {
+            more: RwLock::new(None),
             store,
             identity,
             catalog: RwLock::new(Arc::new(Catalog::default())),
@@ -246,6 +259,52 @@ impl Membership {
         if let Some(worker) = worker {
             worker.close();
         }
+    }
+
+    /// Takes identifier types from `more` too (activation's push tokens).
+    pub fn add_identifiers(&self, more: std::sync::Weak<dyn MoreIdentifiers>) {
+        *self.more.write().unwrap_or_else(PoisonError::into_inner) = Some(more);
+    }
+
+    /// The identifier types of a live profile: its graph identifiers' and the others'.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn identifier_types(
+        &self,
+        profile: &kith_identity::profile::Profile,
+    ) -> Result<BTreeSet<String>, StoreError> {
+        let mut types: BTreeSet<String> =
+            profile.identifiers.iter().map(|i| i.kind.clone()).collect();
+        let more = self
+            .more
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(more) = more {
+            types.extend(more.identifier_types(&profile.id)?);
+        }
+        Ok(types)
+    }
+
+    /// Re-evaluates a profile whose identifier types outside the graph changed.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn touch(&self, profile: &str) -> Result<(), StoreError> {
+        let _updating = lock(&self.updating);
+        let mut updates = BTreeMap::new();
+        updates.insert(
+            profile.to_owned(),
+            Update {
+                cause: Some(Cause::Profile),
+                ..Update::default()
+            },
+        );
+        self.apply(updates, &HashMap::new())
     }
 
     fn set_catalog(&self, segments: &[Segment]) {
@@ -487,8 +546,7 @@ impl Membership {
                 Some(profile) if profile.id == profile_id => {
                     update.change.segments.extend(state.due_at(now));
                     let traits = profile.trait_values();
-                    let identifiers: BTreeSet<String> =
-                        profile.identifiers.iter().map(|i| i.kind.clone()).collect();
+                    let identifiers = self.identifier_types(&profile)?;
                     catalog.update(
                         &mut state,
                         &update.change,
