@@ -751,7 +751,6 @@ impl Activation {
         let mut changes = self
             .membership
             .changes(cursor, CHANGES_PER_PASS, None, None)?;
-        let full = changes.len() == CHANGES_PER_PASS;
         if let Some(waiting) = changes
             .iter()
             .position(|c| c.event_seq.is_some_and(|seq| seq > committed))
@@ -772,7 +771,8 @@ impl Activation {
         plan.writes
             .insert(b"k".to_vec(), Some(last.to_be_bytes().to_vec()));
         plan.commit(self)?;
-        Ok(full)
+        // More only when a full page was taken (not cut short by an uncommitted chunk).
+        Ok(changes.len() == CHANGES_PER_PASS)
     }
 
     /// A batch of new deliveries, under the outbox lock.
