@@ -1,10 +1,8 @@
-//! Retry timing: full-jitter exponential backoff, computed by the `backoff` crate. This
-//! module is the only one that knows that crate (it is marked unmaintained upstream), so
-//! it can be swapped without touching the engine.
+//! Retry timing: exponential backoff with jitter. The randomness comes from a v4 UUID
+//! (the OS's, or the browser's `crypto.getRandomValues`), so the browser build carries
+//! no random-number generator of its own.
 
 use std::time::Duration;
-
-use backoff::backoff::Backoff;
 
 /// How the engine retries failed uploads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,25 +37,14 @@ impl RetryPolicy {
     }
 
     /// The wait before the next attempt after `failures` consecutive failures: uniform
-    /// in `[0, ceiling]` (full jitter), but never below `initial`.
+    /// in `[initial, ceiling]` (jitter over the whole range, never below `initial`).
     pub fn delay(&self, failures: u32) -> Duration {
         let ceiling = self.ceiling(failures);
-        // The crate's randomization spreads `interval ± factor × interval`; an interval
-        // of half the ceiling with factor 1 spreads over [0, ceiling]: full jitter.
-        let half = ceiling / 2;
-        let mut backoff = backoff::ExponentialBackoff {
-            current_interval: half,
-            initial_interval: half,
-            randomization_factor: 1.0,
-            multiplier: 1.0,
-            max_interval: half,
-            max_elapsed_time: None,
-            ..backoff::ExponentialBackoff::default()
-        };
-        backoff
-            .next_backoff()
-            .unwrap_or(ceiling)
-            .clamp(self.initial.min(ceiling), ceiling)
+        let floor = self.initial.min(ceiling);
+        let span = u64::try_from((ceiling - floor).as_millis()).unwrap_or(u64::MAX);
+        // The low 64 bits of a v4 UUID: 62 random bits.
+        let noise = uuid::Uuid::new_v4().as_u128() as u64;
+        floor + Duration::from_millis(noise % span.saturating_add(1))
     }
 }
 

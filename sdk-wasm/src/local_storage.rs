@@ -109,7 +109,7 @@ impl LocalStorageStore {
             .filter_map(|key| key[queues.len()..].split(':').next().map(str::to_owned))
             .filter(|tab| *tab != self.tab)
             .collect();
-        tabs.sort();
+        tabs.sort_unstable();
         tabs.dedup();
         tabs
     }
@@ -145,7 +145,7 @@ impl LocalStorageStore {
                 events.push(event);
             }
         }
-        events.sort_by_key(|e| e.id);
+        events.sort_unstable_by_key(|e| e.id);
         events
     }
 
