@@ -1,30 +1,37 @@
-//! Activation: campaigns that turn segment membership changes into deliveries to
-//! destinations, through a durable outbox (identity resolution must be on).
+//! Activation: campaigns that turn segment membership changes and events into
+//! deliveries to destinations, through a durable outbox (identity resolution must be
+//! on).
 //!
-//! - A [`Destination`] is where deliveries go, with its credentials: today a webhook
-//!   (a JSON POST signed with HMAC-SHA256, see [`webhook`]).
+//! - A [`Destination`] is where deliveries go, with its credentials: a webhook (a JSON
+//!   POST signed with HMAC-SHA256, [`webhook`]), FCM, APNs or Web Push ([`push`]), or an
+//!   audience export ([`audience`], run on demand).
 //! - A [`Campaign`] has a trigger (a profile entered or exited a segment, or sent an
-//!   event while in one), a destination,
-//!   a message template personalised with the profile's traits (`{{traits.first_name}}`),
-//!   an optional frequency cap per profile and an optional consent purpose.
+//!   event while in one), a destination, a message template personalised with the
+//!   profile's traits (`{{traits.first_name}}`), an optional frequency cap per profile
+//!   and an optional consent purpose.
 //! - The activation thread reads the membership changes after its stored cursor, and for
-//!   each campaign a change triggers writes a [`Delivery`] to the outbox, in the same
-//!   atomic batch as the cursor's advance: a restart neither loses nor repeats one. Each
-//!   delivery carries an idempotency key (campaign, change, destination) that the
-//!   receiver can deduplicate on, since delivery is at least once.
+//!   each campaign a change triggers writes its deliveries (one per push token for push
+//!   destinations) to the outbox, in the same atomic batch as the cursor's advance: a
+//!   restart neither loses nor repeats one. Event triggers are fired by the [`Events`]
+//!   pipeline stage, with a mark per event and campaign. Each delivery carries an
+//!   idempotency key (campaign, trigger, destination, token) that the receiver can
+//!   deduplicate on, since delivery is at least once.
 //! - The same thread sends the deliveries that are due, one destination paced to its
 //!   `rate_per_sec`; a failure is retried with exponential backoff and jitter up to the
 //!   destination's `max_attempts`, then the delivery is dead (listed, and replayable).
 //!   An answer that cannot succeed on retry (a 4xx other than 408 and 429) makes it dead
-//!   at once. Each outcome lands in the profile's timeline as an event
-//!   (`Webhook Delivered`, `Webhook Failed`).
+//!   at once; a provider saying a token is gone removes the token. Each outcome lands in
+//!   the profile's timeline as an event (`Push Sent`, `Push Failed`, `Webhook
+//!   Delivered`, `Webhook Failed`).
+//! - Push tokens come from events (`context.device.token`), kept by the [`Tokens`]
+//!   stage before segments, so that `has push_token` sees them.
 //!
 //! Keys of the activation tree: `d\0{id}` → [`Destination`]; `c\0{id}` → [`Campaign`];
 //! `o\0{number}` → [`Delivery`]; `q\0{due ms}\0{number}` → a delivery waiting to be sent;
 //! `f\0{campaign}\0{profile}` → the times it was sent to that profile (frequency cap);
 //! `t\0{profile}\0{provider}\0{token}` → a push token; `e\0{campaign}\0{seq}` → the
-//! event fired that campaign;
-//! `k` → the last membership change read; `n` → the last delivery number.
+//! event fired that campaign; `k` → the last membership change read; `n` → the last
+//! delivery number.
 
 pub mod api;
 pub mod audience;
