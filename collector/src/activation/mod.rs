@@ -60,6 +60,8 @@ use crate::writer::{Append, LogWriter};
 const CHANGES_PER_PASS: usize = 500;
 /// Deliveries sent per pass before new changes are read again.
 const SENDS_PER_PASS: usize = 200;
+/// Deliveries in flight at once in a pass.
+const SENDERS: usize = 8;
 /// How often the thread looks for new changes and due deliveries (a few sled reads
 /// when there is nothing to do).
 const POLL: Duration = Duration::from_millis(5);
@@ -873,7 +875,7 @@ impl Activation {
             .collect();
         let more = due.len() == SENDS_PER_PASS;
         let mut destinations: BTreeMap<String, Option<Destination>> = BTreeMap::new();
-        let mut timeline: Vec<Vec<u8>> = Vec::new();
+        let mut loaded: Vec<(Vec<u8>, u64, Delivery, Option<Destination>)> = Vec::new();
         for queued in due {
             let Some(id) = queued
                 .get(prefix.len() + 9..)
@@ -882,8 +884,9 @@ impl Activation {
             else {
                 continue;
             };
-            let delivery_key = key(b'o', &[&id.to_be_bytes()]);
-            let Some(mut delivery) = get_json::<Delivery>(&self.store, &delivery_key)? else {
+            let Some(delivery) =
+                get_json::<Delivery>(&self.store, &key(b'o', &[&id.to_be_bytes()]))?
+            else {
                 self.remove_queued(queued)?;
                 continue;
             };
@@ -892,13 +895,12 @@ impl Activation {
                 destinations.insert(delivery.destination.clone(), found);
             }
             let destination = destinations.get(&delivery.destination).cloned().flatten();
-            let attempt = match &destination {
-                None => Attempt::Fatal(format!("no destination {:?}", delivery.destination)),
-                Some(destination) => {
-                    self.pace(destination);
-                    self.attempt(destination, &delivery)
-                }
-            };
+            loaded.push((queued, id, delivery, destination));
+        }
+        let attempts = self.attempt_all(&loaded);
+        let mut timeline: Vec<Vec<u8>> = Vec::new();
+        for ((queued, id, mut delivery, destination), attempt) in loaded.into_iter().zip(attempts) {
+            let delivery_key = key(b'o', &[&id.to_be_bytes()]);
             delivery.attempts += 1;
             let now = Timestamp::now();
             let mut writes = Writes::new();
@@ -957,6 +959,47 @@ impl Activation {
         self.store.flush()?;
         self.record(timeline);
         Ok(more)
+    }
+
+    /// Attempts the deliveries on up to [`SENDERS`] threads at once (each taking a run
+    /// of them in order; pacing is shared); the attempts, in the deliveries' order.
+    fn attempt_all(
+        &self,
+        loaded: &[(Vec<u8>, u64, Delivery, Option<Destination>)],
+    ) -> Vec<Attempt> {
+        let attempt =
+            |(_, _, delivery, destination): &(Vec<u8>, u64, Delivery, Option<Destination>)| {
+                match destination {
+                    None => Attempt::Fatal(format!("no destination {:?}", delivery.destination)),
+                    Some(destination) => {
+                        self.pace(destination);
+                        self.attempt(destination, delivery)
+                    }
+                }
+            };
+        if loaded.len() <= 1 {
+            return loaded.iter().map(attempt).collect();
+        }
+        let run = loaded.len().div_ceil(SENDERS);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = loaded
+                .chunks(run)
+                .map(|chunk| {
+                    let worker = scope.spawn(move || chunk.iter().map(attempt).collect::<Vec<_>>());
+                    (chunk.len(), worker)
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|(len, worker)| {
+                    worker.join().unwrap_or_else(|_| {
+                        (0..len)
+                            .map(|_| Attempt::Retry("the sending thread panicked".to_owned()))
+                            .collect()
+                    })
+                })
+                .collect()
+        })
     }
 
     fn remove_queued(&self, queued: Vec<u8>) -> Result<(), StoreError> {

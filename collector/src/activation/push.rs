@@ -111,9 +111,30 @@ impl Notification {
 #[derive(Debug, Default)]
 pub struct Credentials {
     cached: Mutex<BTreeMap<String, (String, Instant)>>,
+    /// Held while a credential is made, so that senders running at once make one.
+    making: Mutex<()>,
 }
 
 impl Credentials {
+    /// The cached credential under `name`, or the one `make` makes (then cached for
+    /// the life it answers); one maker at a time.
+    fn get_or_make<E>(
+        &self,
+        name: &str,
+        make: impl FnOnce() -> Result<(String, Duration), E>,
+    ) -> Result<String, E> {
+        if let Some(found) = self.get(name) {
+            return Ok(found);
+        }
+        let _making = self.making.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = self.get(name) {
+            return Ok(found);
+        }
+        let (made, life) = make()?;
+        self.put(name, &made, life);
+        Ok(made)
+    }
+
     fn get(&self, destination: &str) -> Option<String> {
         let cached = self.cached.lock().unwrap_or_else(PoisonError::into_inner);
         cached
@@ -148,9 +169,14 @@ fn fcm_access_token(
     destination: &str,
     account: &ServiceAccount,
 ) -> Result<String, Attempt> {
-    if let Some(token) = credentials.get(destination) {
-        return Ok(token);
-    }
+    credentials.get_or_make(destination, || fcm_exchange(http, account))
+}
+
+/// Exchanges a signed JWT for an FCM access token and its life.
+fn fcm_exchange(
+    http: &reqwest::blocking::Client,
+    account: &ServiceAccount,
+) -> Result<(String, Duration), Attempt> {
     let key = rsa::RsaPrivateKey::from_pkcs8_pem(&account.private_key)
         .map_err(|e| Attempt::Fatal(format!("the service account's private key: {e}")))?;
     let signer = rsa::pkcs1v15::SigningKey::<Sha256>::new(key);
@@ -186,8 +212,7 @@ fn fcm_access_token(
         .as_u64()
         .unwrap_or(3600)
         .saturating_sub(300);
-    credentials.put(destination, token, Duration::from_secs(life));
-    Ok(token.to_owned())
+    Ok((token.to_owned(), Duration::from_secs(life)))
 }
 
 /// Sends one FCM message to `token`.
@@ -274,21 +299,19 @@ fn apns_provider_token(
     destination: &str,
     key: &ApnsKey,
 ) -> Result<String, Attempt> {
-    if let Some(token) = credentials.get(destination) {
-        return Ok(token);
-    }
-    let signing = p256::ecdsa::SigningKey::from_pkcs8_pem(&key.private_key)
-        .map_err(|e| Attempt::Fatal(format!("the APNs key: {e}")))?;
-    let token = jwt(
-        &json!({"alg": "ES256", "kid": key.key_id}),
-        &json!({"iss": key.team_id, "iat": Timestamp::now().as_second()}),
-        |input| {
-            let signature: p256::ecdsa::Signature = signing.sign(input);
-            signature.to_bytes().to_vec()
-        },
-    );
-    credentials.put(destination, &token, APNS_TOKEN_LIFE);
-    Ok(token)
+    credentials.get_or_make(destination, || {
+        let signing = p256::ecdsa::SigningKey::from_pkcs8_pem(&key.private_key)
+            .map_err(|e| Attempt::Fatal(format!("the APNs key: {e}")))?;
+        let token = jwt(
+            &json!({"alg": "ES256", "kid": key.key_id}),
+            &json!({"iss": key.team_id, "iat": Timestamp::now().as_second()}),
+            |input| {
+                let signature: p256::ecdsa::Signature = signing.sign(input);
+                signature.to_bytes().to_vec()
+            },
+        );
+        Ok((token, APNS_TOKEN_LIFE))
+    })
 }
 
 /// Sends one APNs notification to a device token.
@@ -463,26 +486,25 @@ pub fn web_push_send(
     // One VAPID header per push service origin, signed for 12 hours and reused for one.
     let audience = endpoint.origin().ascii_serialization();
     let cache_key = format!("{destination}\0{audience}");
-    let authorization = match credentials.get(&cache_key) {
-        Some(header) => header,
-        None => {
-            let key = match vapid_key(vapid) {
-                Ok(key) => key,
-                Err(e) => return Attempt::Fatal(format!("the VAPID key: {e}")),
-            };
-            let exp = Timestamp::now().as_second() + 12 * 3600;
-            let token = jwt(
-                &json!({"typ": "JWT", "alg": "ES256"}),
-                &json!({"aud": audience, "exp": exp, "sub": subject}),
-                |input| {
-                    let signature: p256::ecdsa::Signature = key.sign(input);
-                    signature.to_bytes().to_vec()
-                },
-            );
-            let header = format!("vapid t={token}, k={}", vapid_public(&key));
-            credentials.put(&cache_key, &header, VAPID_REUSE);
-            header
-        }
+    let authorization = credentials.get_or_make(&cache_key, || {
+        let key = vapid_key(vapid).map_err(|e| Attempt::Fatal(format!("the VAPID key: {e}")))?;
+        let exp = Timestamp::now().as_second() + 12 * 3600;
+        let token = jwt(
+            &json!({"typ": "JWT", "alg": "ES256"}),
+            &json!({"aud": audience, "exp": exp, "sub": subject}),
+            |input| {
+                let signature: p256::ecdsa::Signature = key.sign(input);
+                signature.to_bytes().to_vec()
+            },
+        );
+        Ok((
+            format!("vapid t={token}, k={}", vapid_public(&key)),
+            VAPID_REUSE,
+        ))
+    });
+    let authorization = match authorization {
+        Ok(header) => header,
+        Err(attempt) => return attempt,
     };
     let response = match http
         .post(endpoint)
