@@ -578,3 +578,29 @@ fn an_event_from_a_profile_in_the_segment_fires_its_campaign() {
         && r.body["segment"] == "pro"));
     assert!(delivered.iter().all(|d| d["trigger"]["event_seq"].is_u64()));
 }
+
+#[test]
+fn consent_withdrawn_while_a_delivery_waits_stops_it() {
+    let h = Harness::with_identity();
+    let receiver = Receiver::start();
+    receiver.plan(&[503; 10_000]);
+    campaign(&h, &receiver, json!({"consent_purpose": "marketing"}));
+    h.send_batch(json!([{"type": "identify", "userId": "ann",
+                         "traits": {"plan": "pro", "consent": {"marketing": true}}}]));
+    eventually("a first attempt", || {
+        let pending = h.deliveries("state=pending");
+        (pending.len() == 1 && pending[0]["attempts"].as_u64() >= Some(1)).then_some(())
+    });
+    h.send_batch(json!([{"type": "identify", "userId": "ann",
+                         "traits": {"consent": {"marketing": false}}}]));
+    receiver.plan(&[]);
+    let skipped = eventually("the delivery stopped", || {
+        let found = h.deliveries("state=skipped");
+        (found.len() == 1).then_some(found)
+    });
+    assert_eq!(skipped[0]["last_error"], "consent withdrawn before sending");
+    assert!(
+        receiver.received().iter().all(|r| r.answered == 503),
+        "nothing was taken after consent was withdrawn"
+    );
+}

@@ -443,6 +443,18 @@ pub fn render(
     }
 }
 
+/// Whether a profile with `traits` gave the consent `campaign` needs: the trait
+/// `consent.<purpose>` is `true` (or the campaign needs none).
+fn consented(campaign: &Campaign, traits: &Map<String, Value>) -> bool {
+    campaign.consent_purpose.as_ref().is_none_or(|purpose| {
+        traits
+            .get("consent")
+            .and_then(|c| c.get(purpose))
+            .and_then(Value::as_bool)
+            == Some(true)
+    })
+}
+
 /// The delay before retry number `attempt` (from 1): `base · 2^(attempt-1)`, capped at
 /// an hour, with full jitter from `noise` (any number: the low bits choose).
 fn backoff(base_ms: u64, attempt: u32, noise: u64) -> Duration {
@@ -875,6 +887,7 @@ impl Activation {
             .collect();
         let more = due.len() == SENDS_PER_PASS;
         let mut destinations: BTreeMap<String, Option<Destination>> = BTreeMap::new();
+        let mut campaigns: BTreeMap<String, Option<Campaign>> = BTreeMap::new();
         let mut loaded: Vec<(Vec<u8>, u64, Delivery, Option<Destination>)> = Vec::new();
         for queued in due {
             let Some(id) = queued
@@ -893,6 +906,34 @@ impl Activation {
             if !destinations.contains_key(&delivery.destination) {
                 let found = self.destination(&delivery.destination)?;
                 destinations.insert(delivery.destination.clone(), found);
+            }
+            if !campaigns.contains_key(&delivery.campaign) {
+                let found = self.campaign(&delivery.campaign)?;
+                campaigns.insert(delivery.campaign.clone(), found);
+            }
+            // Consent is checked again before each attempt: it may have been withdrawn.
+            if let Some(campaign) = campaigns.get(&delivery.campaign).cloned().flatten()
+                && campaign.consent_purpose.is_some()
+            {
+                let traits = self
+                    .identity
+                    .profile(&delivery.profile_id)?
+                    .map(|p| p.trait_values())
+                    .unwrap_or_default();
+                if !consented(&campaign, &traits) {
+                    let mut delivery = delivery;
+                    delivery.state = DeliveryState::Skipped;
+                    delivery.last_error = Some("consent withdrawn before sending".to_owned());
+                    let mut writes = Writes::new();
+                    writes.insert(queued, None);
+                    writes.insert(
+                        key(b'o', &[&id.to_be_bytes()]),
+                        Some(serde_json::to_vec(&delivery)?),
+                    );
+                    let _outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
+                    self.store.apply(Space::Activation, writes)?;
+                    continue;
+                }
             }
             let destination = destinations.get(&delivery.destination).cloned().flatten();
             loaded.push((queued, id, delivery, destination));
@@ -1228,13 +1269,7 @@ impl Plan<'_> {
             .map(Profile::trait_values)
             .unwrap_or_default();
         let message = render(&campaign.template, &traits, profile_id, &triggered.segment);
-        let consented = campaign.consent_purpose.as_ref().is_none_or(|purpose| {
-            traits
-                .get("consent")
-                .and_then(|c| c.get(purpose))
-                .and_then(Value::as_bool)
-                == Some(true)
-        });
+        let consented = consented(campaign, &traits);
         let cap_key = key(b'f', &[campaign.id.as_bytes(), profile_id.as_bytes()]);
         if !self.caps.contains_key(&cap_key) {
             let sent: Vec<u64> = get_json(&activation.store, &cap_key)?.unwrap_or_default();
