@@ -223,6 +223,16 @@ fn write_csv(path: &std::path::Path, mb: u64) -> u64 {
     rows
 }
 
+/// Starts the collector binary on `dir` with the tool's credentials and `extra` flags.
+fn start(
+    collector: &std::path::Path,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (std::process::Child, String) {
+    kith_collector::child::spawn(collector, dir, WRITE_KEY, ADMIN_TOKEN, extra)
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", collector.display()))
+}
+
 /// Waits until the collector's pipeline has processed everything accepted; its stats.
 fn caught_up(http: &reqwest::blocking::Client, url: &str) -> Value {
     loop {
@@ -256,9 +266,7 @@ fn import_benchmark(collector: &std::path::Path, mb: u64) {
     println!("baseline: csv crate reads {baseline:.0} rows/s");
 
     let data = dir.path().join("data");
-    let (mut child, url) =
-        kith_collector::child::spawn(collector, &data, WRITE_KEY, ADMIN_TOKEN, &[])
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", collector.display()));
+    let (mut child, url) = start(collector, &data, &[]);
     let http = reqwest::blocking::Client::builder()
         .timeout(None)
         .build()
@@ -631,6 +639,53 @@ fn send_events(http: &reqwest::blocking::Client, url: &str, events: &[Value]) {
     });
 }
 
+/// What a steady load sent.
+struct SteadyLoad {
+    /// When each event was sent, by index.
+    sent: Vec<Instant>,
+    /// Each request's durable ingest latency (HTTP 200 after fsync).
+    acks: Vec<Duration>,
+    /// Events per second offered.
+    offered: f64,
+}
+
+/// Sends `rate` events/s for `seconds` as a batch every 10 ms, event `i` made by
+/// `event(i)`, each batch waiting for its 200.
+fn steady_load(
+    http: &reqwest::blocking::Client,
+    url: &str,
+    rate: usize,
+    seconds: u64,
+    mut event: impl FnMut(usize) -> Value,
+) -> SteadyLoad {
+    let per_tick = rate.div_ceil(100).max(1);
+    let mut load = SteadyLoad {
+        sent: Vec::new(),
+        acks: Vec::new(),
+        offered: 0.0,
+    };
+    let started = Instant::now();
+    for tick in 0..seconds * 100 {
+        let due = started + Duration::from_millis(tick * 10);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let first = load.sent.len();
+        let batch: Vec<Value> = (first..first + per_tick).map(&mut event).collect();
+        let at = Instant::now();
+        load.sent.extend(std::iter::repeat_n(at, per_tick));
+        http.post(format!("{url}/v1/batch"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!({ "batch": batch }))
+            .send()
+            .and_then(|r| r.error_for_status())
+            .expect("batch accepted");
+        load.acks.push(at.elapsed());
+    }
+    load.offered = load.sent.len() as f64 / started.elapsed().as_secs_f64();
+    load
+}
+
 /// Prints the ingest latency (the baseline) and `what`'s latency, both sorted.
 fn report_latency(what: &str, acks: &[Duration], latencies: &[Duration]) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -669,14 +724,7 @@ fn membership_benchmark(collector: &std::path::Path, profiles: usize, rate: usiz
     let data = generated_profiles(profiles, now);
     println!("kith-load: segments in the collector, {profiles} profiles; segment: {SEGMENT}");
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut child, url) = kith_collector::child::spawn(
-        collector,
-        dir.path(),
-        WRITE_KEY,
-        ADMIN_TOKEN,
-        &["--identity"],
-    )
-    .unwrap_or_else(|e| panic!("cannot start {}: {e}", collector.display()));
+    let (mut child, url) = start(collector, dir.path(), &["--identity"]);
     let http = reqwest::blocking::Client::builder()
         .timeout(None)
         .build()
@@ -749,33 +797,11 @@ fn membership_benchmark(collector: &std::path::Path, profiles: usize, rate: usiz
         Some(&json!({"key": "checkout", "definition": "count(event \"Checkout Started\") >= 1"})),
     );
     wait_ready(&http, &url, "checkout");
-    let per_tick = rate.div_ceil(100).max(1);
-    let ticks = seconds * 100;
-    let mut acks: Vec<Duration> = Vec::new();
-    let started = Instant::now();
-    let mut n = 0usize;
-    for tick in 0..ticks {
-        let due = started + Duration::from_millis(tick * 10);
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-        let batch: Vec<Value> = (0..per_tick)
-            .map(|k| {
-                json!({"type": "track", "anonymousId": format!("visitor-{}", n + k),
-                            "event": "Checkout Started", "properties": {"total": 42}})
-            })
-            .collect();
-        n += per_tick;
-        let sent_at = Instant::now();
-        http.post(format!("{url}/v1/batch"))
-            .basic_auth(WRITE_KEY, Some(""))
-            .json(&json!({"batch": batch}))
-            .send()
-            .and_then(|r| r.error_for_status())
-            .expect("batch accepted");
-        acks.push(sent_at.elapsed());
-    }
-    let offered = n as f64 / started.elapsed().as_secs_f64();
+    let load = steady_load(&http, &url, rate, seconds, |i| {
+        json!({"type": "track", "anonymousId": format!("visitor-{i}"),
+               "event": "Checkout Started", "properties": {"total": 42}})
+    });
+    let (n, mut acks, offered) = (load.sent.len(), load.acks, load.offered);
     caught_up(&http, &url);
     let mut latencies: Vec<Duration> = Vec::new();
     let mut after = 0u64;
@@ -810,7 +836,7 @@ fn membership_benchmark(collector: &std::path::Path, profiles: usize, rate: usiz
     latencies.sort();
     acks.sort();
     println!(
-        "steady load: {n} events at {offered:.0} events/s for {seconds} s, {per_tick} per 10 ms batch"
+        "steady load: {n} events at {offered:.0} events/s for {seconds} s, a batch every 10 ms"
     );
     report_latency(
         "event received to membership change recorded",
@@ -925,14 +951,7 @@ fn activation_benchmark(collector: &std::path::Path, deliveries: usize, rate: us
     println!("baseline: signed POSTs straight to the receiver, one at a time: {baseline:.0}/s");
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut child, url) = kith_collector::child::spawn(
-        collector,
-        dir.path(),
-        WRITE_KEY,
-        ADMIN_TOKEN,
-        &["--identity"],
-    )
-    .unwrap_or_else(|e| panic!("cannot start {}: {e}", collector.display()));
+    let (mut child, url) = start(collector, dir.path(), &["--identity"]);
     let post = |path: &str, body: Value| {
         admin(
             &http,
@@ -1014,37 +1033,19 @@ fn activation_benchmark(collector: &std::path::Path, deliveries: usize, rate: us
                "destination": push["id"], "template": {"title": "Hi {{traits.user}}"}}),
     );
     let push_base = receiver.url.replace("/hook", "/push");
-    let per_tick = rate.div_ceil(100).max(1);
-    let mut sent: Vec<(String, Instant)> = Vec::new();
-    let mut acks: Vec<Duration> = Vec::new();
-    let started = Instant::now();
-    for tick in 0..seconds * 100 {
-        let due = started + Duration::from_millis(tick * 10);
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-        let users: Vec<String> = (0..per_tick)
-            .map(|k| format!("live-{}", sent.len() + k))
-            .collect();
-        let batch: Vec<Value> = users
-            .iter()
-            .map(|user| {
-                let subscription = json!({"endpoint": format!("{push_base}/{user}"), "keys": keys});
-                json!({"type": "identify", "userId": user, "traits": {"wave": "live", "user": user},
-                       "context": {"device": {"token": subscription.to_string(), "tokenProvider": "webpush"}}})
-            })
-            .collect();
-        let at = Instant::now();
-        sent.extend(users.into_iter().map(|user| (user, at)));
-        http.post(format!("{url}/v1/batch"))
-            .basic_auth(WRITE_KEY, Some(""))
-            .json(&json!({ "batch": batch }))
-            .send()
-            .and_then(|r| r.error_for_status())
-            .expect("batch accepted");
-        acks.push(at.elapsed());
-    }
-    let offered = sent.len() as f64 / started.elapsed().as_secs_f64();
+    let load = steady_load(&http, &url, rate, seconds, |i| {
+        let user = format!("live-{i}");
+        let subscription = json!({"endpoint": format!("{push_base}/{user}"), "keys": keys});
+        json!({"type": "identify", "userId": user, "traits": {"wave": "live", "user": user},
+               "context": {"device": {"token": subscription.to_string(), "tokenProvider": "webpush"}}})
+    });
+    let (mut acks, offered) = (load.acks, load.offered);
+    let sent: Vec<(String, Instant)> = load
+        .sent
+        .iter()
+        .enumerate()
+        .map(|(i, at)| (format!("live-{i}"), *at))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut latencies: Vec<Duration> = loop {
         let arrived = receiver.arrived.lock().expect("receiver");
@@ -1133,9 +1134,7 @@ fn main() {
     println!("raw sled (apply_batch + flush per batch): {raw:.0} events/s");
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut child, url) =
-        kith_collector::child::spawn(&collector, dir.path(), WRITE_KEY, ADMIN_TOKEN, &[])
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", collector.display()));
+    let (mut child, url) = start(&collector, dir.path(), &[]);
     let http = reqwest::blocking::Client::builder()
         .pool_max_idle_per_host(args.clients)
         .timeout(Duration::from_secs(60))
