@@ -35,6 +35,8 @@ pub struct Catalog {
     order: Vec<Definition>,
     /// The event names any segment reads.
     event_names: BTreeSet<String>,
+    /// The identifier types any segment reads.
+    identifier_types: BTreeSet<String>,
 }
 
 /// What changed on a profile since its last evaluation.
@@ -196,7 +198,15 @@ impl Catalog {
             .iter()
             .flat_map(|d| d.inputs.events.iter().cloned())
             .collect();
-        Catalog { order, event_names }
+        let identifier_types = order
+            .iter()
+            .flat_map(|d| d.inputs.identifiers.iter().cloned())
+            .collect();
+        Catalog {
+            order,
+            event_names,
+            identifier_types,
+        }
     }
 
     /// Whether a segment is in the catalog.
@@ -212,6 +222,11 @@ impl Catalog {
     /// The names of the events any segment reads: the only events an update needs.
     pub fn event_names(&self) -> &BTreeSet<String> {
         &self.event_names
+    }
+
+    /// The identifier types any segment reads (`has ...`).
+    pub fn identifier_types(&self) -> &BTreeSet<String> {
+        &self.identifier_types
     }
 
     /// Re-evaluates, at `now`, the segments `change` touches for a profile whose last

@@ -1477,6 +1477,10 @@ impl Activation {
 }
 
 impl crate::segments::live::MoreIdentifiers for Activation {
+    fn provides(&self, kind: &str) -> bool {
+        kind.starts_with("push_token")
+    }
+
     /// `push_token` when the profile has any, and `push_token_{provider}` per provider.
     fn identifier_types(
         &self,

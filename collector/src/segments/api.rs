@@ -166,7 +166,7 @@ fn members_of(
     let mut found = Vec::new();
     for profile in identity.live_profiles()? {
         let traits = profile.trait_values();
-        let identifiers = membership.identifier_types(&profile)?;
+        let identifiers = membership.identifier_types(&profile, &catalog)?;
         let mut state = Memberships::default();
         catalog.update(
             &mut state,

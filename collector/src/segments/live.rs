@@ -144,6 +144,9 @@ enum Job {
 /// Identifier types a profile has outside the identity graph (push tokens, kept by
 /// activation), for `has` conditions.
 pub trait MoreIdentifiers: Send + Sync + std::fmt::Debug {
+    /// Whether it can give identifier type `kind` (only then is it asked).
+    fn provides(&self, kind: &str) -> bool;
+
     /// The extra identifier types of a live profile.
     ///
     /// # Errors
@@ -266,7 +269,8 @@ impl Membership {
         *self.more.write().unwrap_or_else(PoisonError::into_inner) = Some(more);
     }
 
-    /// The identifier types of a live profile: its graph identifiers' and the others'.
+    /// The identifier types of a live profile: its graph identifiers', and the others'
+    /// when a segment of `catalog` reads one of them.
     ///
     /// # Errors
     ///
@@ -274,6 +278,7 @@ impl Membership {
     pub fn identifier_types(
         &self,
         profile: &kith_identity::profile::Profile,
+        catalog: &Catalog,
     ) -> Result<BTreeSet<String>, StoreError> {
         let mut types: BTreeSet<String> =
             profile.identifiers.iter().map(|i| i.kind.clone()).collect();
@@ -282,7 +287,8 @@ impl Membership {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .and_then(std::sync::Weak::upgrade);
+            .and_then(std::sync::Weak::upgrade)
+            .filter(|more| catalog.identifier_types().iter().any(|k| more.provides(k)));
         if let Some(more) = more {
             types.extend(more.identifier_types(&profile.id)?);
         }
@@ -546,7 +552,7 @@ impl Membership {
                 Some(profile) if profile.id == profile_id => {
                     update.change.segments.extend(state.due_at(now));
                     let traits = profile.trait_values();
-                    let identifiers = self.identifier_types(&profile)?;
+                    let identifiers = self.identifier_types(&profile, &catalog)?;
                     catalog.update(
                         &mut state,
                         &update.change,
