@@ -209,11 +209,6 @@ impl Catalog {
         }
     }
 
-    /// Whether a segment is in the catalog.
-    pub fn contains(&self, key: &str) -> bool {
-        self.order.iter().any(|d| d.key == key)
-    }
-
     /// The segments' keys, in dependency order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.order.iter().map(|d| d.key.as_str())
