@@ -70,7 +70,7 @@ impl Transport for HttpTransport {
                     Ok(body) => UploadResult::Response {
                         status,
                         retry_after,
-                        body: Some(body),
+                        body: serde_json::from_str(&body).ok(),
                     },
                     // The status came but the body did not: the batch may or may not be
                     // committed. Resending is safe (the collector deduplicates).

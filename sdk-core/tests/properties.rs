@@ -92,7 +92,7 @@ fn reply_to(
             UploadResult::Response {
                 status: 200,
                 retry_after: None,
-                body: Some(json!({"success": true, "rejected": rejected}).to_string()),
+                body: Some(json!({"success": true, "rejected": rejected})),
             }
         }
         Reply::Status(status) => UploadResult::Response {

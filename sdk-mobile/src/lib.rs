@@ -160,7 +160,7 @@ impl native::Transport for ForeignTransport {
         engine::UploadResult::Response {
             status: response.status,
             retry_after: response.retry_after_secs.map(Duration::from_secs),
-            body: response.body,
+            body: response.body.and_then(|b| serde_json::from_str(&b).ok()),
         }
     }
 }

@@ -19,6 +19,7 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{Headers, RequestInit, Response, VisibilityState, Window};
 
+use crate::json;
 use crate::local_storage::LocalStorageStore;
 
 /// `sendBeacon` and `fetch(keepalive)` bodies must stay under 64 KiB.
@@ -126,18 +127,8 @@ impl CallOptions {
 /// A JS value as JSON, or a clear error for what `JSON.stringify` refuses (cycles,
 /// BigInt).
 fn to_json(value: &JsValue, what: &str) -> Result<Value, JsError> {
-    let text = JSON::stringify(value)
-        .map_err(|e| {
-            JsError::new(&format!(
-                "{what} cannot be serialised to JSON: {}",
-                e.as_string()
-                    .or_else(|| Reflect::get(&e, &"message".into()).ok()?.as_string())
-                    .unwrap_or_default()
-            ))
-        })?
-        .as_string()
-        .ok_or_else(|| JsError::new(&format!("{what} cannot be serialised to JSON")))?;
-    serde_json::from_str(&text).map_err(|e| JsError::new(&format!("{what} is not valid: {e}")))
+    json::from_js(value)
+        .map_err(|e| JsError::new(&format!("{what} cannot be serialised to JSON: {e}")))
 }
 
 fn object_arg(value: Option<JsonObject>, what: &str) -> Result<Map, JsError> {
@@ -644,12 +635,7 @@ fn set_timer(inner: &Rc<RefCell<Inner>>, wait: Duration) {
 async fn fetch(request: &UploadRequest) -> UploadResult {
     match try_fetch(request).await {
         Ok(result) => result,
-        Err(error) => UploadResult::NetworkError(
-            error
-                .as_string()
-                .or_else(|| Reflect::get(&error, &"message".into()).ok()?.as_string())
-                .unwrap_or_else(|| "fetch failed".to_owned()),
-        ),
+        Err(error) => UploadResult::NetworkError(json::message(&error)),
     }
 }
 
@@ -679,6 +665,6 @@ async fn try_fetch(request: &UploadRequest) -> Result<UploadResult, JsValue> {
     Ok(UploadResult::Response {
         status: response.status(),
         retry_after,
-        body,
+        body: body.as_deref().and_then(json::parse),
     })
 }

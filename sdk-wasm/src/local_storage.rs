@@ -19,6 +19,8 @@
 use kith_sdk_core::queue::{EventStore, Op, QueueState, QueuedEvent, StoreError};
 use web_sys::Storage;
 
+use crate::json;
+
 /// The queue of one tab in `localStorage`.
 #[derive(Debug)]
 pub struct LocalStorageStore {
@@ -68,7 +70,7 @@ impl LocalStorageStore {
                 .get_item(&key)
                 .ok()
                 .flatten()
-                .and_then(|v| serde_json::from_str(&v).ok())
+                .and_then(|v| json::parse(&v))
             {
                 state.apply(Op::Meta {
                     key: key[meta_prefix.len()..].to_owned(),
@@ -162,7 +164,7 @@ impl LocalStorageStore {
 /// A stored `QueuedEvent`, read by hand rather than by a derived deserializer (each one
 /// costs download size in the browser).
 fn queued_event(text: &str) -> Option<QueuedEvent> {
-    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    let value = json::parse(text)?;
     Some(QueuedEvent {
         id: value["id"].as_u64()?,
         captured_at_ms: value["captured_at_ms"].as_i64()?,
