@@ -272,7 +272,8 @@ pub struct Engine {
     anonymous_id: String,
     user_id: Option<String>,
     traits: Map,
-    consent: BTreeMap<String, bool>,
+    /// Purpose → granted (a JSON bool), as persisted.
+    consent: Map,
     retry: RetryState,
     in_flight: Option<InFlight>,
     batch_limit: usize,
@@ -331,12 +332,7 @@ impl Engine {
         let consent = state
             .meta(META_CONSENT)
             .and_then(Value::as_object)
-            .map(|purposes| {
-                purposes
-                    .iter()
-                    .filter_map(|(purpose, granted)| Some((purpose.clone(), granted.as_bool()?)))
-                    .collect()
-            })
+            .cloned()
             .unwrap_or_default();
         let retry = state
             .meta(META_RETRY)
@@ -775,10 +771,10 @@ impl Engine {
     ///
     /// When the store cannot persist the change.
     pub fn set_consent(&mut self, purpose: &str, granted: bool) -> Result<(), StoreError> {
-        self.consent.insert(purpose.to_owned(), granted);
+        self.consent.insert(purpose.to_owned(), Value::Bool(granted));
         self.store.apply(Op::Meta {
             key: META_CONSENT.to_owned(),
-            value: serde_json::to_value(&self.consent)?,
+            value: Value::Object(self.consent.clone()),
         })?;
         if !granted {
             let ids: Vec<u64> = self
@@ -804,7 +800,7 @@ impl Engine {
         event
             .purpose
             .as_ref()
-            .is_none_or(|p| self.consent.get(p).copied().unwrap_or(false))
+            .is_none_or(|p| self.consent.get(p).and_then(Value::as_bool) == Some(true))
     }
 
     /// Asks for the queue to be sent now, without waiting for a full batch or the
@@ -938,13 +934,14 @@ impl Engine {
                 ..
             } => {
                 let rejected = rejected_indexes(body.as_ref());
-                let mut by_reason: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+                // Few distinct codes per batch: a list, not a map.
+                let mut by_reason: Vec<(String, Vec<u64>)> = Vec::new();
                 for (index, code) in rejected {
-                    if let Some(id) = ids.get(index) {
-                        by_reason
-                            .entry(format!("rejected:{code}"))
-                            .or_default()
-                            .push(*id);
+                    let Some(&id) = ids.get(index) else { continue };
+                    let reason = format!("rejected:{code}");
+                    match by_reason.iter_mut().find(|(r, _)| *r == reason) {
+                        Some((_, same)) => same.push(id),
+                        None => by_reason.push((reason, vec![id])),
                     }
                 }
                 for (reason, rejected_ids) in by_reason {

@@ -106,13 +106,16 @@ impl LocalStorageStore {
     /// The other tabs that have left queues, live or not.
     pub fn other_tabs(&self) -> Vec<String> {
         let queues = format!("{}:q:", self.prefix);
-        let mut tabs: Vec<String> = keys_with_prefix(&queues)
-            .into_iter()
-            .filter_map(|key| key[queues.len()..].split(':').next().map(str::to_owned))
-            .filter(|tab| *tab != self.tab)
-            .collect();
-        tabs.sort_unstable();
-        tabs.dedup();
+        // Few tabs: a linear check rather than a sort (each sort costs download size).
+        let mut tabs: Vec<String> = Vec::new();
+        for key in keys_with_prefix(&queues) {
+            if let Some(tab) = key[queues.len()..].split(':').next()
+                && tab != self.tab
+                && !tabs.iter().any(|t| t == tab)
+            {
+                tabs.push(tab.to_owned());
+            }
+        }
         tabs
     }
 
@@ -144,10 +147,11 @@ impl LocalStorageStore {
                     .flatten()
                     .and_then(|v| queued_event(&v))
             {
-                events.push(event);
+                // Kept in id order by insertion (no sort code in the download).
+                let at = events.partition_point(|e: &QueuedEvent| e.id < event.id);
+                events.insert(at, event);
             }
         }
-        events.sort_unstable_by_key(|e| e.id);
         events
     }
 
