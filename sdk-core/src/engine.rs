@@ -234,7 +234,7 @@ pub struct Stats {
     pub corrupt_records: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct RetryState {
     failures: u32,
     next_attempt_ms: Option<i64>,
@@ -242,8 +242,8 @@ struct RetryState {
 }
 
 impl RetryState {
-    /// Read by hand from the stored JSON rather than by a derived `Deserialize`: in the
-    /// browser every typed deserializer costs download size.
+    /// Read and written by hand rather than by derived serde code: in the browser every
+    /// typed (de)serializer costs download size.
     fn from_value(value: &Value) -> Self {
         RetryState {
             failures: value["failures"]
@@ -253,6 +253,14 @@ impl RetryState {
             next_attempt_ms: value["next_attempt_ms"].as_i64(),
             paused: value["paused"].as_bool().unwrap_or(false),
         }
+    }
+
+    fn to_value(&self) -> Value {
+        json!({
+            "failures": self.failures,
+            "next_attempt_ms": self.next_attempt_ms,
+            "paused": self.paused,
+        })
     }
 }
 
@@ -771,7 +779,8 @@ impl Engine {
     ///
     /// When the store cannot persist the change.
     pub fn set_consent(&mut self, purpose: &str, granted: bool) -> Result<(), StoreError> {
-        self.consent.insert(purpose.to_owned(), Value::Bool(granted));
+        self.consent
+            .insert(purpose.to_owned(), Value::Bool(granted));
         self.store.apply(Op::Meta {
             key: META_CONSENT.to_owned(),
             value: Value::Object(self.consent.clone()),
@@ -1022,7 +1031,7 @@ impl Engine {
         }
         self.store.apply(Op::Meta {
             key: META_RETRY.to_owned(),
-            value: serde_json::to_value(&retry)?,
+            value: retry.to_value(),
         })?;
         self.retry = retry;
         Ok(())
