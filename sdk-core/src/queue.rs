@@ -8,7 +8,7 @@
 //! open. The counters are derived from the ops, so `captured = delivered + dropped +
 //! pending` holds in every state a store can be in, a crash included.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -114,7 +114,9 @@ pub struct Counters {
 /// The queue's state: what every store holds, whatever it persists to.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct QueueState {
-    events: BTreeMap<u64, QueuedEvent>,
+    /// In id order. A deque rather than a map: events leave mostly from the front, and
+    /// the browser download carries one map type fewer.
+    events: VecDeque<QueuedEvent>,
     bytes: usize,
     meta: BTreeMap<String, Value>,
     counters: Counters,
@@ -129,13 +131,18 @@ impl QueueState {
                 self.counters.captured += 1;
                 self.next_id = self.next_id.max(event.id + 1);
                 self.bytes += event.json().len();
-                if let Some(replaced) = self.events.insert(event.id, event) {
-                    self.bytes -= replaced.json().len();
+                match self.position(event.id) {
+                    Ok(at) => {
+                        let replaced = std::mem::replace(&mut self.events[at], event);
+                        self.bytes -= replaced.json().len();
+                    }
+                    Err(at) => self.events.insert(at, event),
                 }
             }
             Op::Remove { ids, outcome } => {
                 for id in ids {
-                    let Some(event) = self.events.remove(&id) else {
+                    let Some(event) = self.position(id).ok().and_then(|at| self.events.remove(at))
+                    else {
                         continue;
                     };
                     self.bytes -= event.json().len();
@@ -165,14 +172,24 @@ impl QueueState {
         }
     }
 
+    /// Where the event with this id is, or would go.
+    fn position(&self, id: u64) -> Result<usize, usize> {
+        // Appends come in id order: check the back before searching.
+        match self.events.back() {
+            Some(last) if last.id < id => Err(self.events.len()),
+            None => Err(0),
+            Some(_) => self.events.binary_search_by_key(&id, |e| e.id),
+        }
+    }
+
     /// Queued events, oldest first.
     pub fn events(&self) -> impl DoubleEndedIterator<Item = &QueuedEvent> {
-        self.events.values()
+        self.events.iter()
     }
 
     /// The queued event with this id.
     pub fn get(&self, id: u64) -> Option<&QueuedEvent> {
-        self.events.get(&id)
+        self.events.get(self.position(id).ok()?)
     }
 
     /// How many events are queued.
