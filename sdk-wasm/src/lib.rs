@@ -19,3 +19,10 @@ mod local_storage;
 
 #[cfg(target_arch = "wasm32")]
 pub use browser::Analytics;
+
+/// A small allocator: dlmalloc was 7 KB of the download; the SDK makes few allocations
+/// that live long (queued events), so a free list serves it.
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static ALLOCATOR: lol_alloc::LockedAllocator<lol_alloc::FreeListAllocator> =
+    lol_alloc::LockedAllocator::new(lol_alloc::FreeListAllocator::new());
