@@ -234,6 +234,9 @@ pub enum StoreError {
     /// The file system failed (disk full, permissions, I/O error).
     #[error("queue storage: {0}")]
     Io(#[from] std::io::Error),
+    /// The platform's storage refused (the browser's `localStorage` full or disabled).
+    #[error("queue storage: {0}")]
+    Refused(String),
     /// An op could not be encoded.
     #[error("queue encoding: {0}")]
     Encoding(#[from] serde_json::Error),

@@ -32,15 +32,11 @@ pub struct LocalStorageStore {
 fn storage() -> Result<Storage, StoreError> {
     web_sys::window()
         .and_then(|w| w.local_storage().ok().flatten())
-        .ok_or_else(|| StoreError::Io(std::io::Error::other("localStorage is not available")))
+        .ok_or_else(|| StoreError::Refused("localStorage is not available".to_owned()))
 }
 
 fn io(what: &str) -> impl FnOnce(wasm_bindgen::JsValue) -> StoreError + '_ {
-    move |_| {
-        StoreError::Io(std::io::Error::other(format!(
-            "localStorage refused to {what} (full?)"
-        )))
-    }
+    move |_| StoreError::Refused(format!("localStorage refused to {what} (full?)"))
 }
 
 /// Every key of `localStorage` that starts with `prefix`.
