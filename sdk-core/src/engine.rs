@@ -15,7 +15,6 @@
 //! in flight at a time, and retry state is persisted, so a client never sends faster
 //! than one request per backoff interval, across restarts too.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -27,7 +26,7 @@ use crate::protocol::{
     Alias, Common, Group, Identify, Invalid, MAX_BATCH_BYTES, MAX_EVENT_BYTES, Map, Message, Page,
     Screen, Track,
 };
-use crate::queue::{EventStore, Op, Outcome, QueuedEvent, StoreError};
+use crate::queue::{EventStore, Op, Outcome, QueuedEvent, StoreError, Tally};
 use crate::retry::RetryPolicy;
 use crate::{LIBRARY_NAME, LIBRARY_VERSION};
 
@@ -223,7 +222,7 @@ pub struct Stats {
     /// Events queued (in flight or waiting).
     pub pending: u64,
     /// Events given up, by reason.
-    pub dropped: BTreeMap<String, u64>,
+    pub dropped: Tally,
     /// Of the pending events, those held for consent.
     pub held: u64,
     /// Consecutive failed uploads.
@@ -1225,7 +1224,7 @@ mod tests {
         let s = engine.stats();
         assert_eq!(
             s.captured,
-            s.delivered + s.dropped.values().sum::<u64>() + s.pending,
+            s.delivered + s.dropped.total() + s.pending,
             "{s:?}"
         );
     }
@@ -1446,7 +1445,7 @@ mod tests {
         .expect("ok");
         let s = e.stats();
         assert_eq!((s.delivered, s.pending), (19, 0));
-        assert_eq!(s.dropped["rejected:missing_event"], 1);
+        assert_eq!(s.dropped.get("rejected:missing_event"), 1);
         assert_identity(&e);
         e.on_upload_result(request.batch_id, ok("{}"), t(0))
             .expect("a repeat is ignored");
@@ -1477,7 +1476,7 @@ mod tests {
                 .expect("413");
         }
         assert_eq!(sizes, [5, 2, 1]);
-        assert_eq!(e.stats().dropped[reason::TOO_LARGE], 1);
+        assert_eq!(e.stats().dropped.get(reason::TOO_LARGE), 1);
         e.flush();
         let next = send(&mut e, t(0));
         e.on_upload_result(next.batch_id, ok("{}"), t(0))
@@ -1557,7 +1556,7 @@ mod tests {
         let request = send(&mut e, t(0));
         e.on_upload_result(request.batch_id, status(400), t(0))
             .expect("400");
-        assert_eq!(e.stats().dropped["rejected:400"], 20);
+        assert_eq!(e.stats().dropped.get("rejected:400"), 20);
         assert_identity(&e);
     }
 
@@ -1583,7 +1582,7 @@ mod tests {
         config.max_queue_bytes = 10_000;
         let mut e = Engine::open(Box::new(MemoryStore::new()), config).expect("opens");
         let ids = track_n(&mut e, 7, t(0));
-        assert_eq!(e.stats().dropped[reason::EVICTED], 2);
+        assert_eq!(e.stats().dropped.get(reason::EVICTED), 2);
         e.track(
             "Big",
             props(json!({"blob": "x".repeat(9_500)})),
@@ -1592,12 +1591,12 @@ mod tests {
         )
         .expect("captured");
         assert_eq!(e.stats().pending, 1, "the byte budget evicts too");
-        assert_eq!(e.stats().dropped[reason::EVICTED], 7);
+        assert_eq!(e.stats().dropped.get(reason::EVICTED), 7);
         let later = t(0)
             .checked_add(DEFAULT_MAX_AGE + Duration::from_secs(2))
             .expect("time");
         assert_eq!(e.next_upload(later).expect("task"), UploadTask::Idle);
-        assert_eq!(e.stats().dropped[reason::EXPIRED], 1);
+        assert_eq!(e.stats().dropped.get(reason::EXPIRED), 1);
         assert_identity(&e);
         assert_eq!(ids.len(), 7);
     }
@@ -1629,7 +1628,7 @@ mod tests {
         e.track("Ad Clicked", Map::new(), marketing, t(0))
             .expect("captured");
         e.set_consent("marketing", false).expect("revoke");
-        assert_eq!(e.stats().dropped[reason::CONSENT_REVOKED], 1);
+        assert_eq!(e.stats().dropped.get(reason::CONSENT_REVOKED), 1);
         assert_eq!(e.stats().pending, 0);
         assert_identity(&e);
     }
@@ -1776,7 +1775,7 @@ mod tests {
             .expect("dropped quietly");
         e.track("Open", Map::new(), CaptureOptions::default(), t(0))
             .expect("captured");
-        assert_eq!(e.stats().dropped["plugin:tag"], 1);
+        assert_eq!(e.stats().dropped.get("plugin:tag"), 1);
         e.flush();
         let body: Value = serde_json::from_str(&send(&mut e, t(0)).body).expect("json");
         assert_eq!(body["batch"][0]["properties"]["tagged"], true);

@@ -422,7 +422,11 @@ impl Analytics {
             captured: stats.captured,
             delivered: stats.delivered,
             pending: stats.pending,
-            dropped: stats.dropped.into_iter().collect(),
+            dropped: stats
+                .dropped
+                .iter()
+                .map(|(reason, n)| (reason.to_owned(), n))
+                .collect(),
             held: stats.held,
             failures: stats.failures,
             paused: stats.paused,
