@@ -39,7 +39,8 @@ fn io(what: &str) -> impl FnOnce(wasm_bindgen::JsValue) -> StoreError + '_ {
     move |_| StoreError::Refused(format!("localStorage refused to {what} (full?)"))
 }
 
-/// Every key of `localStorage` that starts with `prefix`.
+/// Every key of `localStorage` that starts with `prefix`. (Callers take the rest with
+/// `strip_prefix`: slicing a string by index brings panic formatting into the download.)
 pub fn keys_with_prefix(prefix: &str) -> Vec<String> {
     let Ok(storage) = storage() else {
         return Vec::new();
@@ -62,14 +63,15 @@ impl LocalStorageStore {
         let mut state = QueueState::default();
         let meta_prefix = format!("{prefix}:m:");
         for key in keys_with_prefix(&meta_prefix) {
-            if let Some(value) = storage
-                .get_item(&key)
-                .ok()
-                .flatten()
-                .and_then(|v| json::parse(&v))
+            if let Some(name) = key.strip_prefix(&meta_prefix)
+                && let Some(value) = storage
+                    .get_item(&key)
+                    .ok()
+                    .flatten()
+                    .and_then(|v| json::parse(&v))
             {
                 state.apply(Op::Meta {
-                    key: key[meta_prefix.len()..].to_owned(),
+                    key: name.to_owned(),
                     value,
                 });
             }
@@ -105,7 +107,9 @@ impl LocalStorageStore {
         // Few tabs: a linear check rather than a sort (each sort costs download size).
         let mut tabs: Vec<String> = Vec::new();
         for key in keys_with_prefix(&queues) {
-            if let Some(tab) = key[queues.len()..].split(':').next()
+            if let Some(tab) = key
+                .strip_prefix(&queues)
+                .and_then(|rest| rest.split(':').next())
                 && tab != self.tab
                 && !tabs.iter().any(|t| t == tab)
             {
@@ -136,7 +140,9 @@ impl LocalStorageStore {
         let queue = Self::queue_prefix(prefix, tab);
         let mut events = Vec::new();
         for key in keys_with_prefix(&queue) {
-            if key[queue.len()..].starts_with("e:")
+            if key
+                .strip_prefix(&queue)
+                .is_some_and(|k| k.starts_with("e:"))
                 && let Some(event) = storage
                     .get_item(&key)
                     .ok()
@@ -161,6 +167,22 @@ impl LocalStorageStore {
     }
 }
 
+/// A `QueuedEvent` as stored: its serde form, written by hand.
+fn stored_event(event: &QueuedEvent) -> String {
+    let mut text = format!(
+        "{{\"id\":{},\"captured_at_ms\":{}",
+        event.id, event.captured_at_ms
+    );
+    if let Some(purpose) = &event.purpose {
+        text.push_str(",\"purpose\":");
+        text.push_str(&serde_json::Value::from(purpose.as_str()).to_string());
+    }
+    text.push_str(",\"json\":");
+    text.push_str(event.json());
+    text.push('}');
+    text
+}
+
 /// A stored `QueuedEvent`, read by hand rather than by a derived deserializer (each one
 /// costs download size in the browser).
 fn queued_event(text: &str) -> Option<QueuedEvent> {
@@ -178,7 +200,7 @@ impl EventStore for LocalStorageStore {
         let storage = storage()?;
         match &op {
             Op::Append { event } => storage
-                .set_item(&self.event_key(event.id), &serde_json::to_string(event)?)
+                .set_item(&self.event_key(event.id), &stored_event(event))
                 .map_err(io("store an event"))?,
             Op::Remove { ids, .. } => {
                 for id in ids {
