@@ -281,7 +281,10 @@ impl Analytics {
     ) -> Result<String, JsError> {
         let properties = object_arg(properties, "properties")?;
         let options = call_options(options)?;
-        self.capture(|e, o| e.track(event, properties, o, now()), options)
+        self.capture(
+            Box::new(|e, o| e.track(event, properties, o, now())),
+            options,
+        )
     }
 
     /// Captures an `identify`: keeps the user id and merges the traits.
@@ -294,7 +297,7 @@ impl Analytics {
         let traits = object_arg(traits, "traits")?;
         let options = call_options(options)?;
         self.capture(
-            |e, o| e.identify(user_id.as_deref(), traits, o, now()),
+            Box::new(|e, o| e.identify(user_id.as_deref(), traits, o, now())),
             options,
         )
     }
@@ -314,7 +317,7 @@ impl Analytics {
         }
         let options = call_options(options)?;
         self.capture(
-            |e, o| e.page(name.as_deref(), properties, o, now()),
+            Box::new(|e, o| e.page(name.as_deref(), properties, o, now())),
             options,
         )
     }
@@ -328,7 +331,10 @@ impl Analytics {
     ) -> Result<String, JsError> {
         let properties = object_arg(properties, "properties")?;
         let options = call_options(options)?;
-        self.capture(|e, o| e.screen(Some(&name), properties, o, now()), options)
+        self.capture(
+            Box::new(|e, o| e.screen(Some(&name), properties, o, now())),
+            options,
+        )
     }
 
     /// Captures a `group` call.
@@ -340,7 +346,10 @@ impl Analytics {
     ) -> Result<String, JsError> {
         let traits = object_arg(traits, "traits")?;
         let options = call_options(options)?;
-        self.capture(|e, o| e.group(&group_id, traits, o, now()), options)
+        self.capture(
+            Box::new(|e, o| e.group(&group_id, traits, o, now())),
+            options,
+        )
     }
 
     /// Captures an `alias` from the current identity to `userId`.
@@ -348,7 +357,10 @@ impl Analytics {
         &self,
         #[wasm_bindgen(js_name = userId)] user_id: String,
     ) -> Result<String, JsError> {
-        self.capture(|e, o| e.alias(&user_id, o, now()), CallOptions::none())
+        self.capture(
+            Box::new(|e, o| e.alias(&user_id, o, now())),
+            CallOptions::none(),
+        )
     }
 
     /// Forgets the user: new anonymous id, no user id or traits.
@@ -412,7 +424,7 @@ impl Analytics {
         }
         let token = json!({"endpoint": value["endpoint"], "keys": value["keys"]}).to_string();
         self.capture(
-            |e, _| e.set_push_token("webpush", &token, now()),
+            Box::new(|e, _| e.set_push_token("webpush", &token, now())),
             CallOptions::none(),
         )
     }
@@ -427,12 +439,13 @@ fn call_options(options: Option<CaptureOptionsJs>) -> Result<CallOptions, JsErro
     }
 }
 
+/// One engine call of a capture method.
+type Call<'a> = Box<dyn FnOnce(&mut Engine, CaptureOptions) -> Result<String, CaptureError> + 'a>;
+
 impl Analytics {
-    fn capture(
-        &self,
-        call: impl FnOnce(&mut Engine, CaptureOptions) -> Result<String, CaptureError>,
-        options: CallOptions,
-    ) -> Result<String, JsError> {
+    /// Boxed rather than generic, so that the download carries this once, not once per
+    /// capture method.
+    fn capture(&self, call: Call<'_>, options: CallOptions) -> Result<String, JsError> {
         let mut context = options.context.unwrap_or_default();
         context.entry("page").or_insert_with(page_context);
         let capture = CaptureOptions {
