@@ -20,8 +20,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
+use crate::json;
 use crate::protocol::{
     Alias, Common, Group, Identify, Invalid, MAX_BATCH_BYTES, MAX_EVENT_BYTES, Map, Message, Page,
     Screen, Track,
@@ -255,11 +256,11 @@ impl RetryState {
     }
 
     fn to_value(&self) -> Value {
-        json!({
-            "failures": self.failures,
-            "next_attempt_ms": self.next_attempt_ms,
-            "paused": self.paused,
-        })
+        json::object([
+            ("failures", self.failures.into()),
+            ("next_attempt_ms", self.next_attempt_ms.into()),
+            ("paused", self.paused.into()),
+        ])
     }
 }
 
@@ -597,7 +598,10 @@ impl Engine {
             }
             context.insert(
                 "library".to_owned(),
-                json!({"name": LIBRARY_NAME, "version": LIBRARY_VERSION}),
+                json::object([
+                    ("name", LIBRARY_NAME.into()),
+                    ("version", LIBRARY_VERSION.into()),
+                ]),
             );
             if let Some(Value::Object(push)) = self.store.state().meta(META_PUSH_TOKEN)
                 && let Value::Object(device) = context
@@ -620,11 +624,9 @@ impl Engine {
             }
         }
         message.validate()?;
-        let json = serde_json::value::to_raw_value(&message).map_err(StoreError::from)?;
-        if json.get().len() > MAX_EVENT_BYTES {
-            return Err(CaptureError::TooLarge {
-                size: json.get().len(),
-            });
+        let json = json::to_text(&message.into_value());
+        if json.len() > MAX_EVENT_BYTES {
+            return Err(CaptureError::TooLarge { size: json.len() });
         }
         let id = self.store.state().next_id();
         self.store.apply(Op::Append {
@@ -673,14 +675,18 @@ impl Engine {
         now: Timestamp,
     ) -> Result<Option<String>, CaptureError> {
         self.opened_since_launch = false;
-        let current = json!({"version": version, "build": build});
+        let current = json::object([("version", version.into()), ("build", build.into())]);
         let previous = self.store.state().meta(META_APP_VERSION).cloned();
         let event = match &previous {
             None => Some((lifecycle::INSTALLED, current.clone())),
             Some(previous) if *previous != current => Some((
                 lifecycle::UPDATED,
-                json!({"version": version, "build": build,
-                       "previous_version": previous["version"], "previous_build": previous["build"]}),
+                json::object([
+                    ("version", version.into()),
+                    ("build", build.into()),
+                    ("previous_version", previous["version"].clone()),
+                    ("previous_build", previous["build"].clone()),
+                ]),
             )),
             Some(_) => None,
         };
@@ -760,7 +766,7 @@ impl Engine {
     ) -> Result<String, CaptureError> {
         self.store.apply(Op::Meta {
             key: META_PUSH_TOKEN.to_owned(),
-            value: json!({"token": token, "tokenProvider": provider}),
+            value: json::object([("token", token.into()), ("tokenProvider", provider.into())]),
         })?;
         let user_id = self.user_id.clone();
         self.identify(
@@ -1110,7 +1116,7 @@ pub fn encode_batch(events: &[&str], sent_at: Timestamp, write_key: Option<&str>
     body.push('"');
     if let Some(key) = write_key {
         body.push_str(",\"writeKey\":");
-        body.push_str(&Value::from(key).to_string());
+        body.push_str(&json::to_text(&Value::from(key)));
     }
     body.push('}');
     body
@@ -1140,6 +1146,7 @@ mod tests {
     use super::*;
     use crate::file_store::FileStore;
     use crate::queue::MemoryStore;
+    use serde_json::json;
 
     fn t(secs: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + secs).expect("timestamp")

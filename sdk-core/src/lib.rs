@@ -10,11 +10,14 @@
 //! - [`engine`]: capture, batching and the upload state machine (no I/O: the platform
 //!   asks what to send and reports back).
 //! - [`retry`]: backoff timing.
+//! - [`json`]: JSON text (serde_json natively, the page's `JSON.stringify` in the
+//!   browser) and values built without serde's serializers.
 //! - `native` (not on wasm): a thread-safe [`native::Client`] and the uploader thread
 //!   that does the HTTP for Rust programs and the mobile bindings.
 
 pub mod engine;
 pub mod file_store;
+pub mod json;
 pub mod protocol;
 pub mod queue;
 pub mod retry;

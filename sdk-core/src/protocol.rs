@@ -387,6 +387,59 @@ impl Message {
         }
     }
 
+    /// The message as JSON: what its `Serialize` gives, built by hand so that the
+    /// engine serializes events without serde's serializers (in the browser the page's
+    /// `JSON.stringify` writes the text; see [`crate::json`]).
+    pub fn into_value(self) -> Value {
+        let kind = self.kind();
+        let text = |s: Option<String>| s.map(Value::String);
+        let object = |m: Option<Map>| m.map(Value::Object);
+        let (common, fields) = match self {
+            Message::Track(m) => (
+                m.common,
+                [
+                    ("event", text(m.event)),
+                    ("properties", object(m.properties)),
+                ],
+            ),
+            Message::Identify(m) => (m.common, [("traits", object(m.traits)), ("", None)]),
+            Message::Page(m) => (
+                m.common,
+                [("name", text(m.name)), ("properties", object(m.properties))],
+            ),
+            Message::Screen(m) => (
+                m.common,
+                [("name", text(m.name)), ("properties", object(m.properties))],
+            ),
+            Message::Group(m) => (
+                m.common,
+                [("groupId", text(m.group_id)), ("traits", object(m.traits))],
+            ),
+            Message::Alias(m) => (m.common, [("previousId", text(m.previous_id)), ("", None)]),
+        };
+        let time = |t: Option<Timestamp>| t.map(|t| Value::String(t.to_string()));
+        // Unknown keys first: a named field wins over an `extra` key of the same name.
+        let mut map = common.extra;
+        let named = [
+            ("type", Some(Value::from(kind.as_str()))),
+            ("messageId", text(common.message_id)),
+            ("anonymousId", text(common.anonymous_id)),
+            ("userId", text(common.user_id)),
+            ("timestamp", time(common.timestamp)),
+            ("originalTimestamp", time(common.original_timestamp)),
+            ("sentAt", time(common.sent_at)),
+            ("receivedAt", time(common.received_at)),
+            ("context", object(common.context)),
+            ("integrations", object(common.integrations)),
+        ];
+        for (key, value) in named.into_iter().chain(fields) {
+            if let Some(value) = value {
+                map.insert(key.to_owned(), value);
+            }
+        }
+        Value::Object(map)
+    }
+
     /// Fills in batch-level `context` and `integrations`: each top-level key the message
     /// does not set itself is taken from the batch.
     pub fn merge_batch_defaults(&mut self, context: Option<&Map>, integrations: Option<&Map>) {
@@ -448,6 +501,39 @@ mod tests {
             let back = serde_json::to_value(&message).expect("serializes");
             assert_eq!(back["type"], json!(kind.as_str()));
             assert_eq!(back["_metadata"], json!({"x": 1}));
+        }
+    }
+
+    #[test]
+    fn into_value_is_what_serialize_gives() {
+        let common = json!({"messageId": "m1", "anonymousId": "a1", "userId": "u1",
+            "timestamp": "2026-11-29T12:00:00.123Z", "originalTimestamp": "2026-11-29T11:59:59Z",
+            "sentAt": "2026-11-29T12:00:01Z", "receivedAt": "2026-11-29T12:00:02Z",
+            "context": {"locale": "fr-FR", "n": 1.5}, "integrations": {"All": false},
+            "custom": [1, "two", null]});
+        let specific = [
+            json!({"type": "track", "event": "Signed Up", "properties": {"plan": "pro"}}),
+            json!({"type": "track"}),
+            json!({"type": "identify", "traits": {"email": "a@b.c"}}),
+            json!({"type": "page", "name": "Home", "properties": {"path": "/"}}),
+            json!({"type": "screen", "name": "Home", "properties": {}}),
+            json!({"type": "group", "groupId": "g1", "traits": {"plan": "team"}}),
+            json!({"type": "alias", "previousId": "p1"}),
+        ];
+        for fields in specific {
+            let mut value = common.clone();
+            for (key, field) in fields.as_object().expect("object") {
+                value[key] = field.clone();
+            }
+            let message = parse(value);
+            let serialized = serde_json::to_value(&message).expect("serializes");
+            assert_eq!(message.clone().into_value(), serialized);
+            // Only what was set: a bare message has no empty keys.
+            let bare = parse(json!({"type": message.kind().as_str(), "userId": "u"}));
+            assert_eq!(
+                bare.clone().into_value(),
+                serde_json::to_value(&bare).expect("ok")
+            );
         }
     }
 

@@ -15,7 +15,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 /// An event waiting in the queue.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueuedEvent {
     /// Position in the queue; increases with capture order.
     pub id: u64,
@@ -24,28 +24,30 @@ pub struct QueuedEvent {
     /// The consent purpose the event needs, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purpose: Option<String>,
-    /// The message, serialized once at capture, and written to a store's log as raw
-    /// JSON (not re-escaped as a string).
-    pub json: Box<RawValue>,
+    /// The message JSON, serialized once at capture, and written to a store's log as
+    /// raw JSON (not re-escaped as a string).
+    #[serde(serialize_with = "raw_json", deserialize_with = "raw_json_text")]
+    pub json: String,
 }
 
 impl QueuedEvent {
     /// The message JSON.
     pub fn json(&self) -> &str {
-        self.json.get()
+        &self.json
     }
 }
 
-impl PartialEq for QueuedEvent {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
-            && self.captured_at_ms == other.captured_at_ms
-            && self.purpose == other.purpose
-            && self.json.get() == other.json.get()
-    }
+/// Writes JSON text as JSON (checked, as serde_json only writes valid raw JSON).
+fn raw_json<S: Serializer>(text: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    RawValue::from_string(text.to_owned())
+        .map_err(serde::ser::Error::custom)?
+        .serialize(serializer)
 }
 
-impl Eq for QueuedEvent {}
+/// Reads a JSON value as its text.
+fn raw_json_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(Box::<RawValue>::deserialize(deserializer)?.get().to_owned())
+}
 
 /// What became of events leaving the queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -351,7 +353,7 @@ pub(crate) mod suite {
             id,
             captured_at_ms: 1_000 + i64::try_from(id).expect("small id"),
             purpose: id.is_multiple_of(3).then(|| "marketing".to_owned()),
-            json: RawValue::from_string(json.to_owned()).expect("valid JSON"),
+            json: json.to_owned(),
         }
     }
 

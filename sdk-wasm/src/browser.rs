@@ -8,18 +8,18 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use js_sys::{Function, JSON, Promise, Reflect};
+use js_sys::{Function, Promise, Reflect};
 use kith_sdk_core::engine::{
     CaptureError, CaptureOptions, Config, Engine, UploadRequest, UploadResult, UploadTask,
 };
+use kith_sdk_core::json::{self, object};
 use kith_sdk_core::protocol::Map;
-use serde_json::{Value, json};
+use serde_json::Value;
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{Headers, RequestInit, Response, VisibilityState, Window};
 
-use crate::json;
 use crate::local_storage::LocalStorageStore;
 
 /// `sendBeacon` and `fetch(keepalive)` bodies must stay under 64 KiB.
@@ -138,9 +138,22 @@ fn object_arg(value: Option<JsonObject>, what: &str) -> Result<Map, JsError> {
         Some(v) => match to_json(&v, what)? {
             Value::Object(map) => Ok(map),
             other => Err(JsError::new(&format!(
-                "{what} must be an object, not {other}"
+                "{what} must be an object, not {}",
+                kind_of(&other)
             ))),
         },
+    }
+}
+
+/// What a JSON value is, for error messages (its text could be long, or private).
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -166,17 +179,27 @@ fn device_context() -> Map {
         .ok()
         .and_then(|v| v.as_string());
     let screen = window.screen().ok();
-    let context = json!({
-        "userAgent": navigator.user_agent().unwrap_or_default(),
-        "locale": navigator.language().unwrap_or_default(),
-        "timezone": timezone,
-        "screen": {
-            "width": screen.as_ref().and_then(|s| s.width().ok()),
-            "height": screen.as_ref().and_then(|s| s.height().ok()),
-            "density": window.device_pixel_ratio(),
-        },
-    });
-    context.as_object().cloned().unwrap_or_default()
+    let screen = object([
+        ("width", screen.as_ref().and_then(|s| s.width().ok()).into()),
+        (
+            "height",
+            screen.as_ref().and_then(|s| s.height().ok()).into(),
+        ),
+        ("density", window.device_pixel_ratio().into()),
+    ]);
+    let context = object([
+        (
+            "userAgent",
+            navigator.user_agent().unwrap_or_default().into(),
+        ),
+        ("locale", navigator.language().unwrap_or_default().into()),
+        ("timezone", timezone.into()),
+        ("screen", screen),
+    ]);
+    match context {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
 }
 
 /// The current page: read at each capture, since single-page apps change it.
@@ -184,13 +207,15 @@ fn page_context() -> Value {
     let window = window();
     let document = window.document();
     let location = window.location();
-    json!({
-        "path": location.pathname().unwrap_or_default(),
-        "referrer": document.as_ref().map(web_sys::Document::referrer).unwrap_or_default(),
-        "search": location.search().unwrap_or_default(),
-        "title": document.as_ref().map(web_sys::Document::title).unwrap_or_default(),
-        "url": location.href().unwrap_or_default(),
-    })
+    let referrer = document.as_ref().map(web_sys::Document::referrer);
+    let title = document.as_ref().map(web_sys::Document::title);
+    object([
+        ("path", location.pathname().unwrap_or_default().into()),
+        ("referrer", referrer.unwrap_or_default().into()),
+        ("search", location.search().unwrap_or_default().into()),
+        ("title", title.unwrap_or_default().into()),
+        ("url", location.href().unwrap_or_default().into()),
+    ])
 }
 
 struct Inner {
@@ -391,12 +416,26 @@ impl Analytics {
     }
 
     /// Event accounting.
-    pub fn stats(&self) -> Result<StatsJs, JsError> {
+    pub fn stats(&self) -> StatsJs {
         let stats = self.inner.borrow().engine.stats();
-        let text = serde_json::to_string(&stats).map_err(|e| JsError::new(&e.to_string()))?;
-        JSON::parse(&text)
-            .map(JsCast::unchecked_into)
-            .map_err(|_| JsError::new("cannot build the stats object"))
+        let mut dropped = Map::new();
+        for (reason, n) in stats.dropped.iter() {
+            dropped.insert(reason.to_owned(), n.into());
+        }
+        let stats = object([
+            ("captured", stats.captured.into()),
+            ("delivered", stats.delivered.into()),
+            ("pending", stats.pending.into()),
+            ("dropped", Value::Object(dropped)),
+            ("held", stats.held.into()),
+            ("failures", stats.failures.into()),
+            ("paused", stats.paused.into()),
+            ("corrupt_records", stats.corrupt_records.into()),
+        ]);
+        // JSON.parse of what we wrote: always an object.
+        js_sys::JSON::parse(&json::to_text(&stats))
+            .unwrap_or_default()
+            .unchecked_into()
     }
 
     /// The anonymous id this browser sends.
@@ -422,7 +461,10 @@ impl Analytics {
                 "a push subscription needs an endpoint and keys.p256dh and keys.auth",
             ));
         }
-        let token = json!({"endpoint": value["endpoint"], "keys": value["keys"]}).to_string();
+        let token = json::to_text(&object([
+            ("endpoint", value["endpoint"].clone()),
+            ("keys", value["keys"].clone()),
+        ]));
         self.capture(
             Box::new(|e, _| e.set_push_token("webpush", &token, now())),
             CallOptions::none(),

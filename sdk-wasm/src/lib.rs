@@ -3,7 +3,6 @@
 //!
 //! - `browser`: the exported `Analytics` class; the page does the I/O (fetch, timers,
 //!   `sendBeacon`, Web Locks) and drives the engine.
-//! - `json`: JSON through the page's own `JSON.parse` and `JSON.stringify`.
 //! - `local_storage`: the queue in `localStorage`, one queue per tab, adopted by another
 //!   tab when its page is gone.
 //!
@@ -12,8 +11,6 @@
 // The one place where the browser build differs from the native one.
 #[cfg(target_arch = "wasm32")]
 mod browser;
-#[cfg(target_arch = "wasm32")]
-mod json;
 #[cfg(target_arch = "wasm32")]
 mod local_storage;
 

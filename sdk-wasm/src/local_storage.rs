@@ -16,10 +16,11 @@
 //! A tab's counters are kept in memory only: its queue outlives it only to be adopted,
 //! and the adopting tab counts adopted events as its own captures.
 
+use js_sys::{JSON, Reflect};
+use kith_sdk_core::json;
 use kith_sdk_core::queue::{EventStore, Op, QueueState, QueuedEvent, StoreError};
+use serde_json::Value;
 use web_sys::Storage;
-
-use crate::json;
 
 /// The queue of one tab in `localStorage`.
 #[derive(Debug)]
@@ -175,7 +176,7 @@ fn stored_event(event: &QueuedEvent) -> String {
     );
     if let Some(purpose) = &event.purpose {
         text.push_str(",\"purpose\":");
-        text.push_str(&serde_json::Value::from(purpose.as_str()).to_string());
+        text.push_str(&json::to_text(&Value::from(purpose.as_str())));
     }
     text.push_str(",\"json\":");
     text.push_str(event.json());
@@ -183,15 +184,17 @@ fn stored_event(event: &QueuedEvent) -> String {
     text
 }
 
-/// A stored `QueuedEvent`, read by hand rather than by a derived deserializer (each one
-/// costs download size in the browser).
+/// A stored `QueuedEvent`, read by the page's `JSON.parse`; the message's text is
+/// what `JSON.stringify` gives back for it.
 fn queued_event(text: &str) -> Option<QueuedEvent> {
-    let value = json::parse(text)?;
+    let record = JSON::parse(text).ok()?;
+    let field = |name: &str| Reflect::get(&record, &name.into()).ok();
+    let message = field("json").filter(|m| m.is_object())?;
     Some(QueuedEvent {
-        id: value["id"].as_u64()?,
-        captured_at_ms: value["captured_at_ms"].as_i64()?,
-        purpose: value["purpose"].as_str().map(str::to_owned),
-        json: serde_json::value::to_raw_value(value.get("json")?).ok()?,
+        id: field("id")?.as_f64()? as u64,
+        captured_at_ms: field("captured_at_ms")?.as_f64()? as i64,
+        purpose: field("purpose")?.as_string(),
+        json: JSON::stringify(&message).ok()?.as_string()?,
     })
 }
 
@@ -215,7 +218,7 @@ impl EventStore for LocalStorageStore {
                     storage.remove_item(&key).map_err(io("remove metadata"))?;
                 } else {
                     storage
-                        .set_item(&key, &value.to_string())
+                        .set_item(&key, &json::to_text(value))
                         .map_err(io("store metadata"))?;
                 }
             }
