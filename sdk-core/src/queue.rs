@@ -287,12 +287,14 @@ impl QueueState {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The file system failed (disk full, permissions, I/O error).
+    #[cfg(not(target_arch = "wasm32"))]
     #[error("queue storage: {0}")]
     Io(#[from] std::io::Error),
     /// The platform's storage refused (the browser's `localStorage` full or disabled).
     #[error("queue storage: {0}")]
     Refused(String),
-    /// An op could not be encoded.
+    /// An op could not be encoded for the file store's log.
+    #[cfg(not(target_arch = "wasm32"))]
     #[error("queue encoding: {0}")]
     Encoding(#[from] serde_json::Error),
 }
