@@ -461,4 +461,44 @@ mod tests {
     fn memory_store_passes_the_suite() {
         suite::run(&mut || Box::new(MemoryStore::new()), &mut |store| store);
     }
+
+    #[test]
+    fn tally_counts_in_reason_order_and_is_a_json_object() {
+        let mut tally = Tally::default();
+        assert!(tally.is_empty());
+        for reason in ["expired", "evicted", "expired", "consent_revoked"] {
+            tally.add(reason, 1);
+        }
+        tally.add("evicted", 5);
+        let counts: Vec<_> = tally.iter().collect();
+        assert_eq!(
+            counts,
+            [("consent_revoked", 1), ("evicted", 6), ("expired", 2)]
+        );
+        assert_eq!(
+            (tally.get("evicted"), tally.get("never"), tally.total()),
+            (6, 0, 9)
+        );
+        let text = serde_json::to_string(&tally).expect("serializes");
+        assert_eq!(text, r#"{"consent_revoked":1,"evicted":6,"expired":2}"#);
+        let back: Tally = serde_json::from_str(&text).expect("deserializes");
+        assert_eq!(back, tally);
+    }
+
+    #[test]
+    fn a_queued_event_keeps_its_json_raw_in_a_log_and_refuses_bad_json() {
+        let event = suite::event(4, r#"{"type":"track","event":"A"}"#);
+        let text = serde_json::to_string(&event).expect("serializes");
+        assert!(
+            text.contains(r#""json":{"type":"track","event":"A"}"#),
+            "{text}"
+        );
+        let back: QueuedEvent = serde_json::from_str(&text).expect("deserializes");
+        assert_eq!(back, event);
+        let broken = QueuedEvent {
+            json: "{not json".to_owned(),
+            ..event
+        };
+        assert!(serde_json::to_string(&broken).is_err());
+    }
 }
