@@ -141,16 +141,23 @@ async function withSetup(body) {
 test('the example page sends events the collector stores, with page context', () =>
   withSetup(async ({ collector, site, browser }) => {
     const page = await openExample(browser.context, site, collector.url, { flushIntervalMs: '100' });
-    const ids = await page.evaluate(() => [
-      window.kith.track('Order Completed', { total: 42.5, items: [{ sku: 'a' }] }),
+    // What the engine's JSON writer must get right: escapes, Unicode, floats (written by
+    // the page's JSON.stringify), integers, nesting.
+    const properties = {
+      total: 42.5, items: [{ sku: 'a' }], small: 0.1, tiny: -2.5e-7, huge: 1e21, big: 9007199254740991,
+      text: 'quote " backslash \\ line\nbreak tab\t bell \u0007 é 日本 🎉', flags: [true, false],
+      nested: { empty: {}, list: [] },
+    };
+    const ids = await page.evaluate((properties) => [
+      window.kith.track('Order Completed', properties),
       window.kith.identify('web-user', { email: 'ann@example.com' }),
-    ]);
+    ], properties);
     const anonymousId = await page.evaluate(() => window.kith.anonymousId);
     const { events, seen } = await waitForIds(collector, ids);
     assert.ok(ids.every((id) => seen.get(id) === 1));
     const order = events.find((e) => e.messageId === ids[0]);
     assert.equal(order.event, 'Order Completed');
-    assert.deepEqual(order.properties, { total: 42.5, items: [{ sku: 'a' }] });
+    assert.deepEqual(order.properties, properties);
     assert.equal(order.anonymousId, anonymousId);
     assert.equal(order.context.page.path, '/examples/web/index.html');
     assert.match(order.context.page.url, /index\.html\?endpoint=/);
