@@ -195,16 +195,12 @@ impl QueueState {
                 }
             }
             Op::Remove { ids, outcome } => {
-                for id in ids {
-                    let Some(event) = self.position(id).ok().and_then(|at| self.events.remove(at))
-                    else {
-                        continue;
-                    };
-                    self.bytes -= event.json().len();
-                    match &outcome {
-                        Outcome::Delivered => self.counters.delivered += 1,
-                        Outcome::Dropped { reason } => {
-                            self.counters.dropped.add(reason, 1);
+                let removed = self.remove(&ids);
+                match &outcome {
+                    Outcome::Delivered => self.counters.delivered += removed,
+                    Outcome::Dropped { reason } => {
+                        if removed > 0 {
+                            self.counters.dropped.add(reason, removed);
                         }
                     }
                 }
@@ -225,6 +221,38 @@ impl QueueState {
                 self.next_id = self.next_id.max(next_id);
             }
         }
+    }
+
+    /// Removes the events with these ids (ids not queued are ignored); answers how many.
+    fn remove(&mut self, ids: &[u64]) -> u64 {
+        let before = self.events.len();
+        // A batch leaves from the front, one event at a time at little cost. Many ids
+        // (a consent purge, expiry) are marked first and swept in one pass, so removing
+        // k events scattered through n costs O(k log n + n), not O(k n).
+        if ids.len() <= 64 {
+            for &id in ids {
+                if let Some(event) = self.position(id).ok().and_then(|at| self.events.remove(at)) {
+                    self.bytes -= event.json().len();
+                }
+            }
+        } else {
+            let mut doomed = vec![false; self.events.len()];
+            for &id in ids {
+                if let Ok(at) = self.position(id) {
+                    doomed[at] = true;
+                }
+            }
+            let (mut at, bytes) = (0, &mut self.bytes);
+            self.events.retain(|event| {
+                let keep = !doomed[at];
+                at += 1;
+                if !keep {
+                    *bytes -= event.json().len();
+                }
+                keep
+            });
+        }
+        (before - self.events.len()) as u64
     }
 
     /// Where the event with this id is, or would go.
@@ -460,6 +488,30 @@ mod tests {
     #[test]
     fn memory_store_passes_the_suite() {
         suite::run(&mut || Box::new(MemoryStore::new()), &mut |store| store);
+    }
+
+    #[test]
+    fn many_scattered_removals_keep_order_bytes_and_counts() {
+        let mut state = QueueState::default();
+        for id in 0..200 {
+            state.apply(Op::Append {
+                event: suite::event(id, r#"{"n":1}"#),
+            });
+        }
+        // Odd ids, newest first, with duplicates and ids never queued: the one-pass sweep.
+        let mut ids: Vec<u64> = (0..200).rev().filter(|id| id % 2 == 1).collect();
+        ids.extend([1, 3, 500, 501]);
+        state.apply(Op::Remove {
+            ids,
+            outcome: Outcome::Dropped {
+                reason: "consent_revoked".to_owned(),
+            },
+        });
+        let left: Vec<u64> = state.events().map(|e| e.id).collect();
+        assert_eq!(left, (0..200).step_by(2).collect::<Vec<_>>());
+        assert_eq!(state.bytes(), 100 * r#"{"n":1}"#.len());
+        assert_eq!(state.counters().dropped.get("consent_revoked"), 100);
+        assert!(state.get(2).is_some() && state.get(3).is_none());
     }
 
     #[test]
