@@ -109,21 +109,11 @@ async fn take(
 impl Receiver {
     fn start() -> Self {
         let inbox = Arc::new(Mutex::new(Inbox::default()));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("addr");
-        let app = axum::Router::new()
-            .route("/hook", axum::routing::post(take))
-            .with_state(inbox.clone());
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                axum::serve(listener, app).await.expect("serve");
-            });
+        let state = inbox.clone();
+        let addr = common::serve(move |_| {
+            axum::Router::new()
+                .route("/hook", axum::routing::post(take))
+                .with_state(state)
         });
         Receiver { addr, inbox }
     }

@@ -36,26 +36,6 @@ use serde_json::{Value, json};
 const FCM_KEY: &str = include_str!("fixtures/fcm-service-account-key.pem");
 const CLIENT_EMAIL: &str = "kith-test@kith-test.iam.gserviceaccount.com";
 
-/// Serves the app `make` builds for its own address on 127.0.0.1, port 0, from its own
-/// thread and runtime.
-fn serve(make: impl FnOnce(SocketAddr) -> axum::Router) -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let addr = listener.local_addr().expect("addr");
-    let app = make(addr);
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                axum::serve(listener, app).await.expect("serve");
-            });
-    });
-    addr
-}
-
 fn b64(text: &str) -> Vec<u8> {
     URL_SAFE_NO_PAD
         .decode(text.trim_end_matches('='))
@@ -257,7 +237,7 @@ async fn fcm_send(
 /// A local FCM: the token and send endpoints.
 fn fcm_server(fcm: &FcmState) -> SocketAddr {
     let state = fcm.clone();
-    serve(move |_| {
+    common::serve(move |_| {
         axum::Router::new()
             .route("/token", axum::routing::post(fcm_token))
             .route("/v1/projects/{*send}", axum::routing::post(fcm_send))
@@ -535,7 +515,7 @@ async fn push_service(
 fn web_push_is_encrypted_for_the_subscription_and_vapid_signed() {
     let service: PushState = Arc::default();
     let state = service.clone();
-    let addr = serve(move |addr| {
+    let addr = common::serve(move |addr| {
         axum::Router::new()
             .route("/push/{id}", axum::routing::post(push_service))
             .with_state((state, format!("http://{addr}")))

@@ -13,6 +13,26 @@ use serde_json::Value;
 pub const WRITE_KEY: &str = "test-write-key";
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
+/// Serves the app `make` builds for its own address on 127.0.0.1, port 0, from its own
+/// thread and runtime: the local stand-ins for webhook receivers and push services.
+pub fn serve(make: impl FnOnce(std::net::SocketAddr) -> axum::Router) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    let app = make(addr);
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                axum::serve(listener, app).await.expect("serve");
+            });
+    });
+    addr
+}
+
 /// A collector on a fresh data directory, with fixed credentials.
 pub struct Harness {
     pub dir: tempfile::TempDir,
