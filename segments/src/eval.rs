@@ -292,16 +292,19 @@ mod tests {
             }
         }
 
-        fn holds(&self, text: &str) -> bool {
-            let profile = Profile {
+        fn profile(&self) -> Profile<'_> {
+            Profile {
                 traits: &self.traits,
                 identifiers: &self.identifiers,
                 events: &self.events,
                 segments: &self.segments,
-            };
+            }
+        }
+
+        fn holds(&self, text: &str) -> bool {
             evaluate(
                 &parse(text).unwrap_or_else(|e| panic!("{text}: {e}")),
-                &profile,
+                &self.profile(),
                 at("2026-11-29T12:00:00Z"),
             )
         }
@@ -433,28 +436,13 @@ mod tests {
         f.events
             .push(event("Signed In", "2026-12-24T00:00:00Z", json!({})));
         let now = at("2026-11-29T12:00:00Z");
-        let next = |text: &str| {
-            let profile = Profile {
-                traits: &f.traits,
-                identifiers: &f.identifiers,
-                events: &f.events,
-                segments: &f.segments,
-            };
-            next_change(&parse(text).expect("parses"), &profile, now)
-        };
+        let next = |text: &str| next_change(&parse(text).expect("parses"), &f.profile(), now);
         let count = r#"count(event "Order Completed" within 30d) >= 2"#;
         // The 1 November order leaves the 30-day window one instant after 1 December 10:00.
         let leaves = at("2026-12-01T10:00:00.000000001Z");
         assert_eq!(next(count), Some(leaves));
-        let holds_at = |when: Timestamp| {
-            let profile = Profile {
-                traits: &f.traits,
-                identifiers: &f.identifiers,
-                events: &f.events,
-                segments: &f.segments,
-            };
-            evaluate(&parse(count).expect("parses"), &profile, when)
-        };
+        let holds_at =
+            |when: Timestamp| evaluate(&parse(count).expect("parses"), &f.profile(), when);
         assert!(holds_at(at("2026-12-01T10:00:00Z")));
         assert!(!holds_at(leaves));
         // The last sign-in (28 November) leaves a 7-day window on 5 December; the one
