@@ -168,7 +168,7 @@ async fn events(
     State(state): State<Arc<AppState>>,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
+    let Query(query) = query?;
     let limit = limit(query.limit, DEFAULT_EVENT_LIMIT, MAX_EVENT_LIMIT)?;
     let before = query.before;
     if let Some(profile) = query.profile_id.clone() {

@@ -3,6 +3,7 @@
 //! error body (`{"error": {"code": "...", "message": "..."}}`).
 
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -103,6 +104,23 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
+    }
+}
+
+impl ApiError {
+    /// `body` read as JSON into `T`, or a 400 with `code` that says why.
+    pub fn json_body<T: serde::de::DeserializeOwned>(
+        body: &[u8],
+        code: &'static str,
+    ) -> Result<T, Self> {
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid(code, e.to_string()))
+    }
+}
+
+/// A query string that does not fit its handler's query type.
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::invalid("invalid_query", rejection.body_text())
     }
 }
 

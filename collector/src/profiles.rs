@@ -95,7 +95,7 @@ async fn lookup(
     State(state): State<Arc<AppState>>,
     query: Result<Query<LookupQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
+    let Query(query) = query?;
     let id: Identifier =
         query
             .identifier
@@ -135,7 +135,7 @@ async fn events(
     Path(id): Path<String>,
     page: Result<Query<Page>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(page) = page.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
+    let Query(page) = page?;
     let limit = limit(page.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let found = profile_events(&state, &id, page.before, limit)
         .await?

@@ -115,8 +115,7 @@ fn http_url(url: &str, what: &str) -> Result<String, ApiError> {
 }
 
 fn parse_destination(bytes: &[u8]) -> Result<Destination, ApiError> {
-    let body: DestinationBody =
-        serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+    let body: DestinationBody = ApiError::json_body(bytes, "invalid_body")?;
     let required = |value: Option<String>, what: &str| {
         value
             .filter(|v| !v.trim().is_empty())
@@ -316,7 +315,7 @@ async fn create_campaign(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Campaign>), ApiError> {
     let activation = activation(&state)?;
-    let body: CampaignBody = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
+    let body: CampaignBody = ApiError::json_body(&body, "invalid_body")?;
     if body
         .frequency_cap
         .is_some_and(|c| c.max == 0 || c.per_secs == 0)
@@ -395,7 +394,7 @@ async fn deliveries(
     query: Result<Query<DeliveriesQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let activation = activation(&state)?;
-    let Query(query) = query.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
+    let Query(query) = query?;
     let limit = limit(query.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = query.after.unwrap_or(0);
     let found: Vec<Delivery> = blocking(move || {
@@ -415,7 +414,7 @@ struct ReplayBody {
 
 async fn replay(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let activation = activation(&state)?;
-    let body: ReplayBody = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
+    let body: ReplayBody = ApiError::json_body(&body, "invalid_body")?;
     let replayed = blocking(move || activation.replay(body.ids.as_deref())).await?;
     Ok(Json(json!({"replayed": replayed})))
 }
@@ -457,7 +456,7 @@ async fn export(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let activation = activation(&state)?;
-    let body: ExportBody = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
+    let body: ExportBody = ApiError::json_body(&body, "invalid_body")?;
     let store = state.store.clone();
     let report = blocking(move || -> Result<Value, ApiError> {
         let destination = activation

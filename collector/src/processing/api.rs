@@ -54,14 +54,13 @@ fn known_source(state: &AppState, source: &str) -> Result<(), ApiError> {
     }
 }
 
+/// An empty body reads as `{}` (no rules, replay everything).
 fn parse_body<T: for<'de> Deserialize<'de>>(
     body: &[u8],
     code: &'static str,
 ) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return serde_json::from_slice(b"{}").map_err(|e| ApiError::invalid(code, e.to_string()));
-    }
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid(code, e.to_string()))
+    let blank = body.iter().all(u8::is_ascii_whitespace);
+    ApiError::json_body(if blank { b"{}" } else { body }, code)
 }
 
 async fn sources(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -137,7 +136,7 @@ async fn failed(
     State(state): State<Arc<AppState>>,
     query: Result<Query<FailedQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
+    let Query(query) = query?;
     let limit = limit(query.limit, DEFAULT_FAILED_LIMIT, MAX_REPLAY)?;
     let store = state.store.clone();
     let found =

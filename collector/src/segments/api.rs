@@ -96,10 +96,6 @@ struct Body {
     definition: String,
 }
 
-fn parse_body(bytes: &[u8]) -> Result<Body, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid("invalid_body", e.to_string()))
-}
-
 fn parse_definition(definition: &str) -> Result<Expr, ApiError> {
     kith_segments::parse(definition)
         .map_err(|e| ApiError::invalid("invalid_definition", e.to_string()))
@@ -279,7 +275,7 @@ async fn create(
     State(state): State<Arc<AppState>>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Answer>), ApiError> {
-    let body = parse_body(&body)?;
+    let body: Body = ApiError::json_body(&body, "invalid_body")?;
     let key = body
         .key
         .ok_or_else(|| ApiError::invalid("invalid_body", "a segment needs a \"key\""))?;
@@ -292,7 +288,7 @@ async fn update(
     Path(key): Path<String>,
     body: Bytes,
 ) -> Result<Json<Answer>, ApiError> {
-    let body = parse_body(&body)?;
+    let body: Body = ApiError::json_body(&body, "invalid_body")?;
     if body.key.as_ref().is_some_and(|k| *k != key) {
         return Err(ApiError::invalid("invalid_body", "the key cannot change"));
     }
@@ -354,7 +350,7 @@ async fn remove(
 async fn preview(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let identity = identity(&state)?;
     let membership = membership(&state)?;
-    let body = parse_body(&body)?;
+    let body: Body = ApiError::json_body(&body, "invalid_body")?;
     let tree = parse_definition(&body.definition)?;
     let segments = {
         let store = state.store.clone();
@@ -381,7 +377,7 @@ async fn members(
     page: Result<Query<Page>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let membership = membership(&state)?;
-    let Query(page) = page.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
+    let Query(page) = page?;
     let limit = limit(page.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let store = state.store.clone();
     let wanted = key.clone();
@@ -502,7 +498,7 @@ async fn changes(
     query: Result<Query<ChangesQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let membership = membership(&state)?;
-    let Query(query) = query.map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
+    let Query(query) = query?;
     let limit = limit(query.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = query.after.unwrap_or(0);
     let found: Vec<MembershipChange> = blocking(move || {
