@@ -14,6 +14,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::json;
+
 /// An event waiting in the queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueuedEvent {
@@ -35,9 +37,27 @@ impl QueuedEvent {
     pub fn json(&self) -> &str {
         &self.json
     }
+
+    /// Its serde form, written by hand for the stores: the message JSON, written at
+    /// capture, goes in as it is, where serde would read it again to check it.
+    pub fn to_json(&self) -> String {
+        let mut text = format!(
+            "{{\"id\":{},\"captured_at_ms\":{}",
+            self.id, self.captured_at_ms
+        );
+        if let Some(purpose) = &self.purpose {
+            text.push_str(",\"purpose\":");
+            text.push_str(&json::to_text(&Value::from(purpose.as_str())));
+        }
+        text.push_str(",\"json\":");
+        text.push_str(&self.json);
+        text.push('}');
+        text
+    }
 }
 
-/// Writes JSON text as JSON (checked, as serde_json only writes valid raw JSON).
+/// Writes JSON text as JSON (checked, as serde_json only writes valid raw JSON). The
+/// stores write [`QueuedEvent::to_json`] instead.
 fn raw_json<S: Serializer>(text: &str, serializer: S) -> Result<S::Ok, S::Error> {
     RawValue::from_string(text.to_owned())
         .map_err(serde::ser::Error::custom)?
@@ -547,6 +567,14 @@ mod tests {
         );
         let back: QueuedEvent = serde_json::from_str(&text).expect("deserializes");
         assert_eq!(back, event);
+        // The stores' hand-written form is serde's, with and without a purpose.
+        for event in [
+            suite::event(3, r#"{"a":[1,"\u00e9"]}"#),
+            suite::event(4, "{}"),
+        ] {
+            let serde = serde_json::to_string(&event).expect("serializes");
+            assert_eq!(event.to_json(), serde);
+        }
         let broken = QueuedEvent {
             json: "{not json".to_owned(),
             ..event

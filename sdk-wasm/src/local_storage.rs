@@ -19,7 +19,6 @@
 use js_sys::{JSON, Reflect};
 use kith_sdk_core::json;
 use kith_sdk_core::queue::{EventStore, Op, QueueState, QueuedEvent, StoreError};
-use serde_json::Value;
 use web_sys::Storage;
 
 /// The queue of one tab in `localStorage`.
@@ -168,22 +167,6 @@ impl LocalStorageStore {
     }
 }
 
-/// A `QueuedEvent` as stored: its serde form, written by hand.
-fn stored_event(event: &QueuedEvent) -> String {
-    let mut text = format!(
-        "{{\"id\":{},\"captured_at_ms\":{}",
-        event.id, event.captured_at_ms
-    );
-    if let Some(purpose) = &event.purpose {
-        text.push_str(",\"purpose\":");
-        text.push_str(&json::to_text(&Value::from(purpose.as_str())));
-    }
-    text.push_str(",\"json\":");
-    text.push_str(event.json());
-    text.push('}');
-    text
-}
-
 /// A stored `QueuedEvent`, read by the page's `JSON.parse`; the message's text is
 /// what `JSON.stringify` gives back for it.
 fn queued_event(text: &str) -> Option<QueuedEvent> {
@@ -203,7 +186,7 @@ impl EventStore for LocalStorageStore {
         let storage = storage()?;
         match &op {
             Op::Append { event } => storage
-                .set_item(&self.event_key(event.id), &stored_event(event))
+                .set_item(&self.event_key(event.id), &event.to_json())
                 .map_err(io("store an event"))?,
             Op::Remove { ids, .. } => {
                 for id in ids {
