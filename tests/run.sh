@@ -23,7 +23,7 @@ if [ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen 0.2.130" ]; then
   cargo install wasm-bindgen-cli --version 0.2.130
 fi
 
-step "npm and PyPI packages (pinned): client libraries, Kotlin compiler, Playwright, tsc, binaryen, pytest"
+step "npm and PyPI packages (pinned): client libraries, Kotlin compiler, Playwright, tsc, binaryen, terser, pytest"
 (cd tests/compat && npm ci --no-audit --no-fund --loglevel=error)
 (cd sdk-mobile/tools && npm ci --no-audit --no-fund --loglevel=error)
 (cd sdk-wasm/tests && npm ci --no-audit --no-fund --loglevel=error)

@@ -394,6 +394,7 @@ impl Message {
         let kind = self.kind();
         let text = |s: Option<String>| s.map(Value::String);
         let object = |m: Option<Map>| m.map(Value::Object);
+        // Each type's own fields, two slots each (`None` is left out, as serde skips it).
         let (common, fields) = match self {
             Message::Track(m) => (
                 m.common,
