@@ -4,7 +4,9 @@
 //! the unauthenticated probes: `/healthz`, `/readyz` and Prometheus `/metrics`.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, Request, State};
@@ -15,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt};
+use jiff::Timestamp;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_stream::wrappers::BroadcastStream;
@@ -30,17 +33,32 @@ const DEFAULT_EVENT_LIMIT: usize = 100;
 /// The most events one `GET /v1/events` answers.
 const MAX_EVENT_LIMIT: usize = 1_000;
 
-/// The admin routes, behind the bearer-token check.
+/// The admin routes, behind the bearer-token check; the live tail also takes the token
+/// as `?access_token=` (an `EventSource` cannot set headers), no other route does.
 pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
-    Router::new()
+    let bearer = Router::new()
         .route("/v1/events", get(events))
-        .route("/v1/events/live", get(live))
         .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
         .merge(crate::processing::api::routes())
         .merge(crate::profiles::routes())
         .merge(crate::segments::routes())
         .merge(crate::activation::api::routes())
-        .route_layer(middleware::from_fn_with_state(state, require_admin))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    let live = Router::new()
+        .route("/v1/events/live", get(live))
+        .route_layer(middleware::from_fn_with_state(
+            state,
+            require_admin_or_query,
+        ));
+    bearer.merge(live)
+}
+
+/// `/metrics` alone, without authentication: what `--metrics-listen` serves.
+pub fn metrics_routes(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
 }
 
 /// A page size: `given`, or `default`; a 400 outside 1 to `max`.
@@ -119,9 +137,27 @@ async fn require_admin(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    let token = bearer_token(request.headers()).map(str::to_owned);
+    admit(&state, token, request, next).await
+}
+
+async fn require_admin_or_query(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let token = bearer_token(request.headers())
         .map(str::to_owned)
         .or_else(|| query_token(&request));
+    admit(&state, token, request, next).await
+}
+
+async fn admit(
+    state: &AppState,
+    token: Option<String>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     match token {
         Some(token) if same_secret(token.as_bytes(), state.admin_token.as_bytes()) => {
             Ok(next.run(request).await)
@@ -219,25 +255,85 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: the collector takes traffic (503 while shutting down).
+/// How far behind the pipeline is: the age of the oldest event it has not processed.
+async fn pipeline_lag(state: &Arc<AppState>) -> Result<Duration, ApiError> {
+    let store = state.store.clone();
+    let since = blocking(move || store.pending_since()).await?;
+    Ok(since
+        .and_then(|since| Timestamp::now().duration_since(since).try_into().ok())
+        .unwrap_or_default())
+}
+
+/// `GET /readyz`: the collector takes traffic: not shutting down, every background
+/// thread up, and the pipeline at most `--ready-max-lag` behind.
 ///
 /// # Errors
 ///
-/// 503 once shutdown has begun.
+/// 503 with the reason otherwise.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    if state.ready() {
-        Ok(Json(json!({"status": "ready"})))
-    } else {
-        Err(ApiError::Unavailable("shutting down".to_owned()))
+    if !state.ready() {
+        return Err(ApiError::Unavailable("shutting down".to_owned()));
     }
+    let down = state.health.down();
+    if !down.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "background threads are down: {}",
+            down.join(", ")
+        )));
+    }
+    let lag = pipeline_lag(&state).await?;
+    if lag > state.ready_max_lag {
+        return Err(ApiError::Unavailable(format!(
+            "the pipeline is {} s behind (more than {} s)",
+            lag.as_secs(),
+            state.ready_max_lag.as_secs()
+        )));
+    }
+    Ok(Json(json!({"status": "ready"})))
 }
 
-/// `GET /metrics`: the counters in Prometheus' text format.
-pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.stats.prometheus(),
-    )
+/// `GET /metrics`: the counters, the pipeline's lag and the threads' health in
+/// Prometheus' text format. Behind the admin token on the main address; open on
+/// `--metrics-listen`.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let lag = pipeline_lag(&state).await?;
+    let mut text = state.stats.prometheus();
+    let _ = writeln!(
+        text,
+        "# HELP kith_pipeline_lag_seconds Age of the oldest event the pipeline has not processed.\n\
+         # TYPE kith_pipeline_lag_seconds gauge\nkith_pipeline_lag_seconds {:.3}",
+        lag.as_secs_f64()
+    );
+    let _ = writeln!(
+        text,
+        "# HELP kith_events_quarantined_total Events a stage failed or panicked on, moved to the failed-events store, since start.\n\
+         # TYPE kith_events_quarantined_total counter\nkith_events_quarantined_total {}",
+        state.health.quarantined()
+    );
+    let threads = state.health.snapshot();
+    let _ = writeln!(
+        text,
+        "# HELP kith_thread_up Whether a background thread is running (0 between a panic and its restart).\n# TYPE kith_thread_up gauge"
+    );
+    for (name, thread) in &threads {
+        let _ = writeln!(
+            text,
+            "kith_thread_up{{thread=\"{name}\"}} {}",
+            u8::from(thread.up)
+        );
+    }
+    let _ = writeln!(
+        text,
+        "# HELP kith_thread_restarts_total Times a background thread panicked and was restarted.\n# TYPE kith_thread_restarts_total counter"
+    );
+    for (name, thread) in &threads {
+        let _ = writeln!(
+            text,
+            "kith_thread_restarts_total{{thread=\"{name}\"}} {}",
+            thread.restarts
+        );
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 #[cfg(test)]

@@ -22,6 +22,9 @@ pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 60 * 60)
 /// collector's footprint stays low; sled reads what falls out of it from disk.
 pub const DEFAULT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
+/// How far behind the pipeline may be before `/readyz` answers 503, by default.
+pub const DEFAULT_READY_MAX_LAG: Duration = Duration::from_secs(5 * 60);
+
 /// The largest import file taken by default: 10 GiB.
 pub const DEFAULT_MAX_IMPORT_BYTES: u64 = 10 << 30;
 
@@ -79,6 +82,23 @@ pub struct Config {
     /// The largest file `POST /v1/imports` takes, in bytes.
     #[arg(long, env = "KITH_MAX_IMPORT_BYTES", default_value_t = DEFAULT_MAX_IMPORT_BYTES)]
     pub max_import_bytes: u64,
+
+    /// `/readyz` answers 503 while the oldest event the pipeline has not processed was
+    /// received longer ago than this (for example `5m`).
+    #[arg(long, env = "KITH_READY_MAX_LAG", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub ready_max_lag: Duration,
+
+    /// Serve Prometheus `/metrics` without authentication on this separate address
+    /// (for example `127.0.0.1:9787`); on the main address it needs the admin token.
+    #[arg(long, env = "KITH_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Test-only fault injection, comma separated: `stage_panic:NAME` makes a pipeline
+    /// stage panic on `track` events named NAME; `thread_panic:THREAD` makes a
+    /// background thread (`pipeline`, `log-writer`, `segments`, `activation`,
+    /// `importer`) panic once.
+    #[arg(long, env = "KITH_FAULTS", hide = true, value_delimiter = ',')]
+    pub faults: Vec<String>,
 
     /// A JSON config file: sources with their write keys and processing rules, default
     /// rules, watched import directories, PostgreSQL sources and identity settings (see
@@ -175,6 +195,9 @@ impl Config {
             cache_bytes: DEFAULT_CACHE_BYTES,
             identity: false,
             max_import_bytes: DEFAULT_MAX_IMPORT_BYTES,
+            ready_max_lag: DEFAULT_READY_MAX_LAG,
+            metrics_listen: None,
+            faults: Vec::new(),
             file: None,
         }
     }

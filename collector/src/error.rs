@@ -31,6 +31,15 @@ pub enum StoreError {
     CommitFailed,
 }
 
+impl StoreError {
+    /// Whether the error is about the data at hand (a record that cannot be encoded or
+    /// decoded) rather than the storage itself: retrying cannot help, so the pipeline
+    /// quarantines the event instead.
+    pub fn is_about_data(&self) -> bool {
+        matches!(self, StoreError::Encoding(_) | StoreError::Corrupt(_))
+    }
+}
+
 /// An error answered to an HTTP client. Each variant is one thing the client can do.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -114,6 +123,30 @@ impl ApiError {
         code: &'static str,
     ) -> Result<T, Self> {
         serde_json::from_slice(body).map_err(|e| ApiError::invalid(code, e.to_string()))
+    }
+}
+
+impl ApiError {
+    /// A 400 `unreadable_definition` unless `value` reads back as the store writes it
+    /// (see [`crate::store::reads_back`]): checked before any definition is stored.
+    ///
+    /// # Errors
+    ///
+    /// The 400.
+    pub fn unless_reads_back<T>(value: &T, what: &str) -> Result<(), Self>
+    where
+        T: serde::Serialize + for<'de> serde::Deserialize<'de> + PartialEq,
+    {
+        if crate::store::reads_back(value) {
+            Ok(())
+        } else {
+            Err(ApiError::invalid(
+                "unreadable_definition",
+                format!(
+                    "the {what} cannot be stored in a form that reads back (nested too deeply?)"
+                ),
+            ))
+        }
     }
 }
 

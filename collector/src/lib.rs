@@ -15,6 +15,7 @@ pub mod admin;
 pub mod child;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod identity;
 pub mod imports;
 pub mod ingest;

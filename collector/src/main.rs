@@ -62,6 +62,9 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if config.admin_token.is_none() {
         println!("admin token: {}", collector.admin_token.value);
     }
+    if let Some(addr) = collector.metrics_addr() {
+        println!("metrics on http://{addr}/metrics");
+    }
     // Tools and tests read this line to find the port when listening on port 0.
     println!("listening on http://{}", listener.local_addr()?);
     collector.serve(listener, shutdown_signal()).await?;

@@ -22,11 +22,12 @@ use tower_http::cors::CorsLayer;
 use crate::activation::Activation;
 use crate::config::{Config, FileConfig};
 use crate::error::{ApiError, StoreError};
+use crate::health::Health;
 use crate::identity::Identity;
 use crate::imports::job::Importer;
 use crate::imports::postgres::PostgresSource;
 use crate::imports::watch::Watchers;
-use crate::pipeline::{Deduplicate, Pipeline, Stage, Wake};
+use crate::pipeline::{Deduplicate, PanicOn, Pipeline, Stage, Wake};
 use crate::processing::{DEFAULT_RULES, Process, Rules};
 use crate::ratelimit::RateLimiter;
 use crate::segments::{self, Membership, Segment};
@@ -45,6 +46,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     /// Event accounting.
     pub stats: Arc<Stats>,
+    /// The background threads' health and the quarantine count.
+    pub health: Arc<Health>,
     /// Group commit onto the log.
     pub writer: Arc<LogWriter>,
     /// Runs file imports.
@@ -59,6 +62,8 @@ pub struct AppState {
     pub live: broadcast::Sender<Arc<str>>,
     /// The admin API's bearer token.
     pub admin_token: String,
+    /// `/readyz` fails while the pipeline is further behind than this.
+    pub ready_max_lag: std::time::Duration,
     /// Proxies whose `X-Forwarded-For` is trusted.
     pub trusted_proxies: Vec<IpNet>,
     /// The per-source rate limit, when configured.
@@ -124,6 +129,7 @@ pub struct Collector {
     wake: Arc<Wake>,
     watchers: Watchers,
     postgres: Vec<PostgresSource>,
+    metrics: Option<std::net::TcpListener>,
     pipeline: Mutex<Option<JoinHandle<()>>>,
     /// The write keys in use.
     pub write_keys: Vec<Credential>,
@@ -208,6 +214,15 @@ impl Collector {
         let admin_token = credential(&store, config.admin_token.clone(), "admin_token", "adm")?;
         let (ingest, pipeline_counters) = store.counters()?;
         let stats = Arc::new(Stats::restore(ingest, pipeline_counters));
+        let health = Arc::new(Health::default());
+        let mut panic_on_event = None;
+        for fault in &config.faults {
+            match fault.split_once(':') {
+                Some(("stage_panic", event)) => panic_on_event = Some(event.to_owned()),
+                Some(("thread_panic", thread)) => health.inject_panic(thread),
+                _ => return Err(StoreError::Start(format!("the fault {fault:?}"))),
+            }
+        }
         let wake = Arc::new(Wake::default());
         let (live, _) = broadcast::channel(LIVE_BUFFER);
 
@@ -228,11 +243,15 @@ impl Collector {
         ];
         let membership = match &identity {
             Some(identity) => {
+                for (key, why) in segments::broken(&store)? {
+                    tracing::error!(segment = %key, reason = %why, "a stored segment cannot be read; it is left out until replaced or deleted");
+                }
                 let segments: Vec<Segment> = segments::all(&store)?.into_values().collect();
                 Some(Membership::start(
                     store.clone(),
                     identity.clone(),
                     &segments,
+                    &health,
                 )?)
             }
             None => None,
@@ -241,6 +260,7 @@ impl Collector {
             store.clone(),
             stats.clone(),
             wake.clone(),
+            &health,
         )?);
         let activation = match (&identity, &membership) {
             (Some(identity), Some(membership)) => Some(Activation::start(
@@ -248,6 +268,7 @@ impl Collector {
                 identity.clone(),
                 membership.clone(),
                 writer.clone(),
+                &health,
             )?),
             _ => None,
         };
@@ -261,13 +282,23 @@ impl Collector {
             stages.push(Box::new(membership.stage()));
             stages.push(Box::new(activation.events_stage()));
         }
-        let pipeline = Pipeline::new(store.clone(), stats.clone(), stages, live.clone())
-            .start(wake.clone())
-            .map_err(|e| StoreError::Start(format!("the pipeline: {e}")))?;
+        if let Some(event) = panic_on_event {
+            stages.push(Box::new(PanicOn(event)));
+        }
+        let pipeline = Pipeline::new(
+            store.clone(),
+            stats.clone(),
+            health.clone(),
+            stages,
+            live.clone(),
+        )
+        .start(wake.clone())
+        .map_err(|e| StoreError::Start(format!("the pipeline: {e}")))?;
         let importer = Arc::new(Importer::start(
             store.clone(),
             writer.clone(),
             config.dedup_window,
+            &health,
         )?);
         let watchers = Watchers::start(&file.watch, &importer)
             .map_err(|e| StoreError::Start(format!("the directory watchers: {e}")))?;
@@ -275,6 +306,7 @@ impl Collector {
         let state = AppState {
             store,
             stats,
+            health,
             writer,
             importer,
             imports_dir: config.data_dir.join("imports"),
@@ -282,6 +314,7 @@ impl Collector {
             dedup_window_ms: i64::try_from(config.dedup_window.as_millis()).unwrap_or(i64::MAX),
             live,
             admin_token: admin_token.value.clone(),
+            ready_max_lag: config.ready_max_lag,
             trusted_proxies: config.trusted_proxies.clone(),
             limiter: (config.rate_limit > 0).then(|| RateLimiter::new(config.rate_limit)),
             rules,
@@ -299,10 +332,26 @@ impl Collector {
             wake,
             watchers,
             postgres: file.postgres,
+            metrics: config
+                .metrics_listen
+                .map(|addr| {
+                    let listener = std::net::TcpListener::bind(addr)?;
+                    listener.set_nonblocking(true)?;
+                    Ok(listener)
+                })
+                .transpose()
+                .map_err(|e: std::io::Error| {
+                    StoreError::Start(format!("the metrics listener: {e}"))
+                })?,
             pipeline: Mutex::new(Some(pipeline)),
             write_keys,
             admin_token,
         })
+    }
+
+    /// Where `/metrics` is served without authentication (`--metrics-listen`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The shared state, for tests and tools.
@@ -327,6 +376,22 @@ impl Collector {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        if let Some(metrics) = &self.metrics {
+            let metrics = TcpListener::from_std(metrics.try_clone()?)?;
+            let app = admin::metrics_routes(self.state.clone());
+            let mut stopping = self.state.shutdown_signal();
+            tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stopping.wait_for(|stop| *stop).await;
+                };
+                if let Err(error) = axum::serve(metrics, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                {
+                    tracing::error!(%error, "the metrics listener failed");
+                }
+            });
+        }
         for source in &self.postgres {
             tokio::spawn(
                 source
@@ -404,7 +469,6 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(crate::imports::api::routes())
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
-        .route("/metrics", get(admin::metrics))
         .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()) })
         .with_state(state)
 }
@@ -419,6 +483,8 @@ pub struct Running {
     pub write_key: String,
     /// Its admin token.
     pub admin_token: String,
+    /// Where `/metrics` is served without authentication, when configured.
+    pub metrics_addr: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -444,6 +510,7 @@ impl Running {
             .map(|key| key.value.clone())
             .unwrap_or_default();
         let admin_token = collector.admin_token.value.clone();
+        let metrics_addr = collector.metrics_addr();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("kith-collector".to_owned())
@@ -456,6 +523,7 @@ impl Running {
             addr,
             write_key,
             admin_token,
+            metrics_addr,
             stop: Some(stop),
             thread: Some(thread),
         })

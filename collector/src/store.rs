@@ -313,6 +313,9 @@ impl Store {
         if !failed.is_empty() {
             let mut batch = Batch::default();
             for event in failed {
+                if let Some(message_id) = event.message.get("messageId").and_then(|v| v.as_str()) {
+                    self.release_message_id(&event.source, message_id, event.seq)?;
+                }
                 batch.insert(&seq_key(event.seq), serde_json::to_vec(&event)?);
             }
             self.failed.apply_batch(batch)?;
@@ -343,6 +346,27 @@ impl Store {
             self.log.apply_batch(batch)?;
         }
         Ok(())
+    }
+
+    /// When the oldest event the pipeline has not processed yet was received: how far
+    /// behind the pipeline is. `None` when it has caught up.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn pending_since(&self) -> Result<Option<Timestamp>, StoreError> {
+        let checkpoint = self.checkpoint()?;
+        Ok(self
+            .read_log(checkpoint, 1)?
+            .first()
+            .and_then(|(seq, value)| StoredEvent::decode(*seq, value).ok())
+            .map(|event| {
+                event
+                    .message
+                    .common()
+                    .received_at
+                    .unwrap_or_else(Timestamp::now)
+            }))
     }
 
     /// The last `seq` the pipeline has fully processed.
@@ -436,6 +460,38 @@ impl Store {
         }
         self.by_message_id.insert(key, value)?;
         Ok(false)
+    }
+
+    /// Gives up the claim the event at `seq` holds on `(source, messageId)`, if it holds
+    /// it: an event moved to the failed-events store must not make its own replay a
+    /// duplicate. Earlier holders stay findable, outside any window.
+    fn release_message_id(
+        &self,
+        source: &str,
+        message_id: &str,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        let mut key = id_prefix(message_id);
+        key.extend_from_slice(source.as_bytes());
+        let Some(held) = self.by_message_id.get(&key)? else {
+            return Ok(());
+        };
+        let (_, holders) = decode_claim(&held)?;
+        match holders.split_first() {
+            Some((&holder, earlier)) if holder == seq => {
+                if earlier.is_empty() {
+                    self.by_message_id.remove(key)?;
+                } else {
+                    let mut value = i64::MIN.to_be_bytes().to_vec();
+                    for seq in earlier {
+                        value.extend_from_slice(&seq_key(*seq));
+                    }
+                    self.by_message_id.insert(key, value)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Whether an event of `source` holding `message_id` was received within `window_ms`
@@ -654,16 +710,22 @@ impl Store {
         self.flush()
     }
 
-    /// Every segment definition, by key.
+    /// Every segment definition with its key, or why it cannot be read: one unreadable
+    /// record is reported, it does not hide the others.
     ///
     /// # Errors
     ///
-    /// On a storage failure or an unreadable record.
-    pub fn segments<T: for<'de> Deserialize<'de>>(&self) -> Result<Vec<T>, StoreError> {
+    /// On a storage failure.
+    pub fn segments<T: for<'de> Deserialize<'de>>(
+        &self,
+    ) -> Result<Vec<(String, Decoded<T>)>, StoreError> {
         self.segments
             .iter()
-            .values()
-            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .map(|entry| {
+                let (key, value) = entry?;
+                let decoded = serde_json::from_slice(&value).map_err(|e| e.to_string());
+                Ok((String::from_utf8_lossy(&key).into_owned(), decoded))
+            })
             .collect()
     }
 
@@ -816,6 +878,19 @@ impl Store {
         };
         self.flush()
     }
+}
+
+/// A stored record, or why it cannot be read.
+pub type Decoded<T> = Result<T, String>;
+
+/// Whether `value`, written as the store writes it, reads back as the same value. A
+/// definition that could be written but not read again would break every later read
+/// (and start): each API that stores one checks this first.
+pub fn reads_back<T: Serialize + for<'de> Deserialize<'de> + PartialEq>(value: &T) -> bool {
+    serde_json::to_vec(value)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<T>(&bytes).ok())
+        .is_some_and(|back| back == *value)
 }
 
 /// A `by_message_id` value: receive time of the holder, then the `seq`s holding the id,

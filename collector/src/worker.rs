@@ -1,11 +1,13 @@
-//! A thread fed by a channel, that can be closed and joined: the shape of the log writer
-//! and the importer.
+//! A thread fed by a channel, that can be closed and joined: the shape of the log
+//! writer, the importer, the segments thread and the activation thread. Each is
+//! [supervised](crate::health::supervise): a panic restarts its body on the same channel.
 
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use crate::error::StoreError;
+use crate::health::{Health, supervise};
 
 /// A named thread taking items of type `T` from a channel until it is closed.
 #[derive(Debug)]
@@ -16,25 +18,29 @@ pub struct Worker<T> {
 }
 
 impl<T: Send + 'static> Worker<T> {
-    /// Starts the thread `name` running `run` on the channel's receiving end. Items sent
-    /// before (the `queued` ones) are the first it receives.
+    /// Starts the thread `name` running `run` on the channel's receiving end until the
+    /// channel is closed; when `run` panics it is run again (see [`supervise`]), its
+    /// state reported in `health`. Items sent before (the `queued` ones) are the first
+    /// it receives.
     ///
     /// # Errors
     ///
     /// When the thread cannot be spawned.
     pub fn start(
         name: &'static str,
+        health: &Arc<Health>,
         queued: Vec<T>,
-        run: impl FnOnce(Receiver<T>) + Send + 'static,
+        mut run: impl FnMut(&Receiver<T>) + Send + 'static,
     ) -> Result<Self, StoreError> {
         let (tx, rx) = mpsc::channel();
         for item in queued {
             // The receiver is alive: it is right here.
             let _ = tx.send(item);
         }
+        let health = health.clone();
         let thread = std::thread::Builder::new()
             .name(format!("kith-{name}"))
-            .spawn(move || run(rx))
+            .spawn(move || supervise(name, &health, || run(&rx)))
             .map_err(|e| StoreError::Start(format!("the {name}: {e}")))?;
         Ok(Worker {
             name,

@@ -14,6 +14,7 @@ use sled::Batch;
 use tokio::sync::oneshot;
 
 use crate::error::StoreError;
+use crate::health::Health;
 use crate::pipeline::Wake;
 use crate::stats::Stats;
 use crate::store::Store;
@@ -48,7 +49,8 @@ pub struct LogWriter {
 }
 
 impl LogWriter {
-    /// Starts the writer thread, continuing the log after `store.last_seq()`.
+    /// Starts the writer thread, continuing the log after `store.last_seq()` (read again
+    /// when the thread is restarted after a panic).
     ///
     /// # Errors
     ///
@@ -57,10 +59,15 @@ impl LogWriter {
         store: Arc<Store>,
         stats: Arc<Stats>,
         wake: Arc<Wake>,
+        health: &Arc<Health>,
     ) -> Result<Self, StoreError> {
-        let next_seq = store.last_seq()? + 1;
-        let worker = Worker::start("log-writer", Vec::new(), move |rx| {
-            run(&store, &stats, &wake, &rx, next_seq);
+        store.last_seq()?;
+        let worker = Worker::start("log-writer", health, Vec::new(), move |rx| {
+            match store.last_seq() {
+                Ok(last) => run(&store, &stats, &wake, rx, last + 1),
+                // Supervision restarts the thread after a pause.
+                Err(error) => panic!("cannot read the end of the log: {error}"),
+            }
         })?;
         Ok(LogWriter { worker })
     }
@@ -73,7 +80,7 @@ impl LogWriter {
     pub async fn append(&self, append: Append) -> Result<(), StoreError> {
         self.send(append)?
             .await
-            .map_err(|_| StoreError::ShuttingDown)?
+            .map_err(|_| StoreError::CommitFailed)?
     }
 
     /// [`LogWriter::append`] for threads outside the async runtime (the importer).
@@ -84,7 +91,7 @@ impl LogWriter {
     pub fn append_blocking(&self, append: Append) -> Result<(), StoreError> {
         self.send(append)?
             .blocking_recv()
-            .map_err(|_| StoreError::ShuttingDown)?
+            .map_err(|_| StoreError::CommitFailed)?
     }
 
     fn send(

@@ -71,7 +71,13 @@ fn probes_and_metrics() {
     h.post_json("/v1/track", &json!({"event": "E", "userId": "u"}));
     h.post_json("/v1/track", &json!({"userId": "u"}));
     h.wait_processed();
-    let metrics = h.http.get(h.url("/metrics")).send().expect("sent");
+    let anonymous = h.http.get(h.url("/metrics")).send().expect("sent");
+    assert_eq!(
+        error_code(anonymous).0,
+        401,
+        "the main address serves metrics to the admin only"
+    );
+    let metrics = h.admin_get("/metrics");
     assert!(
         metrics.headers()["content-type"]
             .to_str()
@@ -85,12 +91,54 @@ fn probes_and_metrics() {
         "kith_events_rejected_total{code=\"missing_event\"} 1",
         "kith_events_stored_total 1",
         "kith_pipeline_pending 0",
+        "kith_pipeline_lag_seconds 0.000",
+        "kith_events_quarantined_total 0",
+        "kith_thread_up{thread=\"pipeline\"} 1",
+        "kith_thread_restarts_total{thread=\"log-writer\"} 0",
     ] {
         assert!(
             text.lines().any(|l| l == line),
             "{line} missing from\n{text}"
         );
     }
+}
+
+#[test]
+fn metrics_listen_serves_metrics_alone_without_auth() {
+    let h = Harness::start_with(|config| {
+        config.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    });
+    let metrics_addr = h.collector.metrics_addr.expect("metrics address");
+    let url = |path: &str| format!("http://{metrics_addr}{path}");
+    let text = h
+        .http
+        .get(url("/metrics"))
+        .send()
+        .expect("sent")
+        .text()
+        .expect("text");
+    assert!(text.contains("kith_events_received_total 0"), "{text}");
+    let other = h.http.get(url("/v1/stats")).send().expect("sent");
+    assert_eq!(other.status(), 404, "nothing else on the metrics address");
+}
+
+#[test]
+fn the_token_in_the_query_opens_the_live_tail_only() {
+    let h = Harness::start();
+    for path in ["/v1/events", "/v1/stats", "/v1/segments", "/metrics"] {
+        let response = h
+            .http
+            .get(h.url(&format!("{path}?access_token={ADMIN_TOKEN}")))
+            .send()
+            .expect("sent");
+        assert_eq!(response.status(), 401, "{path}");
+    }
+    let live = h
+        .http
+        .get(h.url(&format!("/v1/events/live?access_token={ADMIN_TOKEN}")))
+        .send()
+        .expect("sent");
+    assert_eq!(live.status(), 200);
 }
 
 #[test]

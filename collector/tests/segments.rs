@@ -451,3 +451,40 @@ fn memberships_follow_events_windows_merges_splits_and_deletes_exactly_once() {
         (400, "invalid_query".to_owned())
     );
 }
+
+#[test]
+fn an_unreadable_stored_segment_is_reported_and_the_collector_still_starts() {
+    let mut h = Harness::with_identity();
+    h.create(
+        "/v1/segments",
+        json!({"key": "good", "definition": "traits.plan = \"pro\""}),
+    );
+    h.collector.shutdown().expect("stops");
+    {
+        let store = kith_collector::store::Store::open(h.dir.path(), 1 << 20).expect("store");
+        store
+            .put_segment(
+                "broken",
+                Some(&json!({"key": "broken", "tree": "not a tree"})),
+            )
+            .expect("written");
+    }
+    h.restart(|config| config.identity = true);
+    let listed: Value = h.admin_get("/v1/segments").json().expect("json");
+    let segments = listed["segments"].as_array().expect("segments");
+    assert_eq!(segments.len(), 2, "{listed}");
+    let broken = segments
+        .iter()
+        .find(|s| s["key"] == "broken")
+        .expect("listed");
+    assert!(broken["broken"].is_string(), "{broken}");
+    h.send_batch(json!([{"type": "identify", "userId": "u1", "traits": {"plan": "pro"}}]));
+    assert_eq!(members(&h, "good").len(), 1, "the readable one works");
+    let replaced = h.admin_send(
+        Method::PUT,
+        "/v1/segments/broken",
+        &json!({"definition": "has email"}),
+    );
+    assert_eq!(replaced.status(), 200);
+    assert_eq!(delete(&h, "/v1/segments/broken").status(), 200);
+}

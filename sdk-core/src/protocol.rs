@@ -39,6 +39,11 @@ pub const MAX_BATCH_BYTES: usize = 500 * 1024;
 pub const MAX_BATCH_EVENTS: usize = 2_500;
 /// The longest `messageId` accepted, in characters.
 pub const MAX_MESSAGE_ID_CHARS: usize = 100;
+/// The deepest nesting of objects and arrays accepted in an event, the event object
+/// itself counting as level 1. Well under serde_json's parsing limit of 128, so that
+/// every form a stored event takes (wrapped in a profile, a failed-event record) still
+/// reads back.
+pub const MAX_EVENT_DEPTH: usize = 32;
 
 /// The six Segment message types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -353,9 +358,18 @@ impl Message {
     ///
     /// The first rule broken: `missing_identity` (neither `userId` nor `anonymousId`),
     /// `missing_event` (track), `missing_group_id` (group), `missing_previous_id` (alias)
-    /// or `message_id_too_long`.
+    /// `message_id_too_long` or `too_deep` (objects and arrays nested more than
+    /// [`MAX_EVENT_DEPTH`] levels).
     pub fn validate(&self) -> Result<(), Invalid> {
         let common = self.common();
+        if self.nesting_exceeds(MAX_EVENT_DEPTH) {
+            return Err(Invalid::new(
+                "too_deep",
+                format!(
+                    "the event nests objects and arrays more than {MAX_EVENT_DEPTH} levels deep"
+                ),
+            ));
+        }
         if blank(&common.user_id) && blank(&common.anonymous_id) {
             return Err(Invalid::new(
                 "missing_identity",
@@ -385,6 +399,29 @@ impl Message {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// Whether the message, as JSON, nests objects and arrays more than `max` levels
+    /// deep (the message object is level 1).
+    fn nesting_exceeds(&self, max: usize) -> bool {
+        let (common, own) = match self {
+            Message::Track(m) => (&m.common, m.properties.as_ref()),
+            Message::Identify(m) => (&m.common, m.traits.as_ref()),
+            Message::Page(m) => (&m.common, m.properties.as_ref()),
+            Message::Screen(m) => (&m.common, m.properties.as_ref()),
+            Message::Group(m) => (&m.common, m.traits.as_ref()),
+            Message::Alias(m) => (&m.common, None),
+        };
+        // The message is level 1: these maps are level 2, their values from level 3 on.
+        let in_map = max.saturating_sub(2);
+        [common.context.as_ref(), common.integrations.as_ref(), own]
+            .into_iter()
+            .flatten()
+            .any(|map| map.values().any(|v| deeper_than(v, in_map)))
+            || common
+                .extra
+                .values()
+                .any(|v| deeper_than(v, max.saturating_sub(1)))
     }
 
     /// The message as JSON: what its `Serialize` gives, built by hand so that the
@@ -459,6 +496,16 @@ fn merge_missing(target: &mut Option<Map>, defaults: Option<&Map>) {
         if !target.contains_key(key) {
             target.insert(key.clone(), value.clone());
         }
+    }
+}
+
+/// Whether `value` nests objects and arrays more than `budget` levels deep (a scalar is
+/// 0 levels deep, `[]` 1, `[[]]` 2). Stops as soon as the budget is spent.
+fn deeper_than(value: &Value, budget: usize) -> bool {
+    match value {
+        Value::Array(items) => budget == 0 || items.iter().any(|v| deeper_than(v, budget - 1)),
+        Value::Object(map) => budget == 0 || map.values().any(|v| deeper_than(v, budget - 1)),
+        _ => false,
     }
 }
 
@@ -619,6 +666,29 @@ mod tests {
             let got = parse(value.clone()).validate().err().map(|e| e.code);
             assert_eq!(got, expected, "{value}");
         }
+    }
+
+    /// `levels` objects nested in each other: `{"a": {"a": ... 1}}`.
+    fn nested(levels: usize) -> Value {
+        (0..levels).fold(json!(1), |inner, _| json!({ "a": inner }))
+    }
+
+    #[test]
+    fn nesting_is_limited_counting_the_event_itself() {
+        // The event is level 1, so a field may hold `MAX_EVENT_DEPTH - 1` levels.
+        let fits = MAX_EVENT_DEPTH - 1;
+        for field in ["properties", "context", "custom"] {
+            let at = |levels: usize| {
+                let mut value = json!({"type": "track", "event": "E", "userId": "u"});
+                value[field] = nested(levels);
+                parse(value).validate().err().map(|e| e.code)
+            };
+            assert_eq!(at(fits), None, "{field} at the limit");
+            assert_eq!(at(fits + 1), Some("too_deep"), "{field} over the limit");
+        }
+        let arrays = (0..MAX_EVENT_DEPTH - 2).fold(json!([]), |inner, _| json!([inner]));
+        let deep = parse(json!({"type": "identify", "userId": "u", "traits": {"a": arrays}}));
+        assert_eq!(deep.validate().err().map(|e| e.code), Some("too_deep"));
     }
 
     #[test]

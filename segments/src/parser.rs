@@ -24,6 +24,14 @@ use serde_json::Value;
 
 use crate::ast::{Cmp, Events, Expr, Filter, Func, Which};
 
+/// How deeply `not`s and parentheses may nest. Parsing recurses once per level, and the
+/// tree's JSON form (stored by the collector) gains a level or two per level: the limit
+/// keeps both far from any stack or parser limit.
+pub const MAX_NESTING: usize = 32;
+
+/// The longest definition taken, in bytes.
+pub const MAX_DEFINITION_BYTES: usize = 64 * 1024;
+
 /// A parse error, at a line and column (both from 1).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}, column {column}: {message}")]
@@ -251,6 +259,8 @@ fn lex(text: &str) -> Result<Vec<Lexed>, ParseError> {
 struct Parser {
     tokens: Vec<Lexed>,
     at: usize,
+    /// `not`s and parentheses open around the current token.
+    nesting: usize,
 }
 
 /// Parses a segment condition.
@@ -259,9 +269,17 @@ struct Parser {
 ///
 /// A [`ParseError`] at the line and column of the first problem.
 pub fn parse(text: &str) -> Result<Expr, ParseError> {
+    if text.len() > MAX_DEFINITION_BYTES {
+        return Err(ParseError {
+            line: 1,
+            column: 1,
+            message: format!("a definition may be at most {MAX_DEFINITION_BYTES} bytes"),
+        });
+    }
     let mut parser = Parser {
         tokens: lex(text)?,
         at: 0,
+        nesting: 0,
     };
     let expr = parser.or()?;
     match parser.peek() {
@@ -351,19 +369,28 @@ impl Parser {
     }
 
     fn unary(&mut self) -> Result<Expr, ParseError> {
-        if self.is_word("not") {
-            self.next();
-            return Ok(Expr::Not {
-                expr: Box::new(self.unary()?),
-            });
+        let nests = self.is_word("not") || self.peek() == &Token::Open;
+        if !nests {
+            return self.condition();
         }
-        if self.peek() == &Token::Open {
-            self.next();
-            let expr = self.or()?;
-            self.expect(&Token::Close)?;
-            return Ok(expr);
+        if self.nesting == MAX_NESTING {
+            return Err(self.error(format!(
+                "\"not\" and parentheses nest more than {MAX_NESTING} levels deep here"
+            )));
         }
-        self.condition()
+        self.nesting += 1;
+        let expr = if self.is_word("not") {
+            self.next();
+            self.unary().map(|expr| Expr::Not {
+                expr: Box::new(expr),
+            })
+        } else {
+            self.next();
+            self.or()
+                .and_then(|expr| self.expect(&Token::Close).map(|()| expr))
+        };
+        self.nesting -= 1;
+        expr
     }
 
     fn string(&mut self, what: &str) -> Result<String, ParseError> {
@@ -643,6 +670,19 @@ mod tests {
     }
 
     #[test]
+    fn the_deepest_nesting_allowed_parses_and_its_json_reads_back() {
+        let text = format!(
+            "{}has email{}",
+            "not (".repeat(MAX_NESTING / 2),
+            ")".repeat(MAX_NESTING / 2)
+        );
+        let tree = parse(&text).expect("at the limit");
+        let json = serde_json::to_string(&tree).expect("json");
+        let back: Expr = serde_json::from_str(&json).expect("reads back");
+        assert_eq!(back, tree);
+    }
+
+    #[test]
     fn errors_point_at_line_and_column() {
         let cases = [
             ("traits.plan = ", 1, 15, "expected a value"),
@@ -683,6 +723,19 @@ mod tests {
             ),
             ("traits.a ! 1", 1, 10, "must be followed"),
             ("", 1, 1, "expected a condition"),
+            (
+                &format!("{}has email", "not ".repeat(MAX_NESTING + 1)),
+                1,
+                MAX_NESTING * 4 + 1,
+                "nest more than",
+            ),
+            (
+                &format!("{}has email", "(".repeat(10_000)),
+                1,
+                MAX_NESTING + 1,
+                "nest more than",
+            ),
+            (&"x".repeat(MAX_DEFINITION_BYTES + 1), 1, 1, "at most"),
         ];
         for (text, line, column, says) in cases {
             let error = parse(text).expect_err(text);

@@ -249,6 +249,7 @@ async fn create_destination(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let activation = activation(&state)?;
     let destination = parse_destination(&body)?;
+    ApiError::unless_reads_back(&destination, "destination")?;
     let shown = destination.redacted();
     blocking(move || activation.put_destination(&destination.id, Some(&destination))).await?;
     Ok((StatusCode::CREATED, Json(shown)))
@@ -356,6 +357,7 @@ async fn create_campaign(
             consent_purpose: body.consent_purpose,
             created_at: Timestamp::now(),
         };
+        ApiError::unless_reads_back(&campaign, "campaign")?;
         activation.put_campaign(&campaign.id, Some(&campaign))?;
         Ok(campaign)
     })

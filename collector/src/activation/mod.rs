@@ -496,12 +496,20 @@ fn get_json<T: for<'de> Deserialize<'de>>(
         .transpose()
 }
 
+/// Every record under `tag`; one that cannot be read is logged and left out, so that
+/// it cannot stop the others.
 fn all_json<T: for<'de> Deserialize<'de>>(store: &Store, tag: u8) -> Result<Vec<T>, StoreError> {
-    store
+    Ok(store
         .scan(Space::Activation, &key(tag, &[b""]))?
         .into_iter()
-        .map(|(_, v)| serde_json::from_slice(&v).map_err(StoreError::from))
-        .collect()
+        .filter_map(|(k, v)| match serde_json::from_slice(&v) {
+            Ok(record) => Some(record),
+            Err(error) => {
+                tracing::error!(key = %String::from_utf8_lossy(&k), %error, "an activation record cannot be read; it is left out");
+                None
+            }
+        })
+        .collect())
 }
 
 /// The activation engine of a collector.
@@ -534,6 +542,7 @@ impl Activation {
         identity: Arc<Identity>,
         membership: Arc<Membership>,
         writer: Arc<LogWriter>,
+        health: &Arc<crate::health::Health>,
     ) -> Result<Arc<Self>, StoreError> {
         let activation = Arc::new(Activation {
             store,
@@ -547,7 +556,7 @@ impl Activation {
             worker: Mutex::new(None),
         });
         let engine = Arc::downgrade(&activation);
-        let worker = Worker::start("activation", Vec::new(), move |rx| run(&engine, &rx))?;
+        let worker = Worker::start("activation", health, Vec::new(), move |rx| run(&engine, rx))?;
         *activation
             .worker
             .lock()

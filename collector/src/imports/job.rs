@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
@@ -16,6 +17,7 @@ use serde_json::{Map, Value};
 
 use super::{Converter, Format, ImportReport, Mapping, Record, Status, cell};
 use crate::error::StoreError;
+use crate::health::{Health, panic_message};
 use crate::store::Store;
 use crate::worker::Worker;
 use crate::writer::{Append, LogWriter};
@@ -240,6 +242,7 @@ impl Importer {
         store: Arc<Store>,
         writer: Arc<LogWriter>,
         dedup_window: Duration,
+        health: &Arc<Health>,
     ) -> Result<Self, StoreError> {
         let interrupted: Vec<String> = store
             .imports::<Value>(usize::MAX)?
@@ -257,7 +260,7 @@ impl Importer {
             writer,
             dedup_window_ms: i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX),
         };
-        let worker = Worker::start("importer", interrupted, move |rx| run.run(&rx))?;
+        let worker = Worker::start("importer", health, interrupted, move |rx| run.run(rx))?;
         Ok(Importer { store, worker })
     }
 
@@ -301,11 +304,15 @@ impl Run {
     }
 
     fn import(&self, mut job: ImportJob) -> Result<(), StoreError> {
-        let outcome = self.read_all(&mut job);
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.read_all(&mut job)));
         let error = match outcome {
-            Ok(error) => error,
-            Err(StoreError::ShuttingDown) => return Err(StoreError::ShuttingDown),
-            Err(error) => Some(format!("storage failed: {error}")),
+            Ok(Ok(error)) => error,
+            Ok(Err(StoreError::ShuttingDown)) => return Err(StoreError::ShuttingDown),
+            Ok(Err(error)) => Some(format!("storage failed: {error}")),
+            Err(panic) => Some(format!(
+                "the import stopped on an internal error: {}",
+                panic_message(panic.as_ref())
+            )),
         };
         job.report.finish(error);
         finish_file(&job);

@@ -99,6 +99,7 @@ async fn put_rules(
         .clone()
         .compile()
         .map_err(|e| ApiError::invalid("invalid_rules", e))?;
+    ApiError::unless_reads_back(&rules, "rules")?;
     let store = state.store.clone();
     let (key, stored) = (source.clone(), rules.clone());
     blocking(move || store.put_rules(&key, Some(&stored))).await?;

@@ -96,9 +96,13 @@ struct Body {
     definition: String,
 }
 
-fn parse_definition(definition: &str) -> Result<Expr, ApiError> {
-    kith_segments::parse(definition)
-        .map_err(|e| ApiError::invalid("invalid_definition", e.to_string()))
+/// Parses a definition off the async runtime: the parser's work grows with the text.
+async fn parse_definition(definition: String) -> Result<Expr, ApiError> {
+    blocking(move || {
+        kith_segments::parse(&definition)
+            .map_err(|e| ApiError::invalid("invalid_definition", e.to_string()))
+    })
+    .await
 }
 
 /// Checks that `tree`, stored as `key`, references only known segments and no cycle.
@@ -196,11 +200,17 @@ fn not_found(key: &str) -> ApiError {
 async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     let membership = membership(&state)?;
     let store = state.store.clone();
-    let segments = blocking(move || all(&store)).await?;
-    let answers: Vec<Answer> = segments
+    let (segments, broken) =
+        blocking(move || Ok::<_, StoreError>((all(&store)?, super::broken(&store)?))).await?;
+    let mut answers: Vec<Value> = segments
         .into_values()
-        .map(|s| answer(&membership, s))
+        .map(|s| json!(answer(&membership, s)))
         .collect();
+    answers.extend(
+        broken
+            .into_iter()
+            .map(|(key, why)| json!({"key": key, "broken": why})),
+    );
     Ok(Json(json!({"segments": answers})))
 }
 
@@ -235,19 +245,21 @@ async fn save(
             "a segment key is letters, digits, '_' and '-'",
         ));
     }
-    let tree = parse_definition(&definition)?;
+    let tree = parse_definition(definition.clone()).await?;
     let store = state.store.clone();
     blocking(move || -> Result<Answer, ApiError> {
         let mut segments = all(&store)?;
         let existing = segments.remove(&key);
-        match (&existing, create) {
-            (Some(_), true) => {
+        // A stored segment that cannot be read still exists: PUT replaces it.
+        let exists = existing.is_some() || super::broken(&store)?.contains_key(&key);
+        match (exists, create) {
+            (true, true) => {
                 return Err(ApiError::invalid(
                     "segment_exists",
                     format!("segment {key:?} exists; PUT to change it"),
                 ));
             }
-            (None, false) => return Err(not_found(&key)),
+            (false, false) => return Err(not_found(&key)),
             _ => {}
         }
         check_references(&key, &tree, &segments)?;
@@ -262,6 +274,7 @@ async fn save(
             created_at: existing.map_or(now, |e| e.created_at),
             updated_at: now,
         };
+        ApiError::unless_reads_back(&segment, "segment")?;
         store.put_segment(&key, Some(&segment))?;
         segments.insert(key.clone(), segment.clone());
         let stored: Vec<Segment> = segments.into_values().collect();
@@ -308,6 +321,10 @@ async fn remove(
     blocking(move || -> Result<(), ApiError> {
         let mut segments = all(&store)?;
         if !segments.contains_key(&wanted) {
+            if super::broken(&store)?.contains_key(&wanted) {
+                store.put_segment::<Segment>(&wanted, None)?;
+                return Ok(());
+            }
             return Err(not_found(&wanted));
         }
         if let Some(user) = segments
@@ -351,7 +368,7 @@ async fn preview(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json
     let identity = identity(&state)?;
     let membership = membership(&state)?;
     let body: Body = ApiError::json_body(&body, "invalid_body")?;
-    let tree = parse_definition(&body.definition)?;
+    let tree = parse_definition(body.definition).await?;
     let segments = {
         let store = state.store.clone();
         blocking(move || all(&store)).await?

@@ -224,6 +224,7 @@ impl Membership {
         store: Arc<Store>,
         identity: Arc<Identity>,
         segments: &[Segment],
+        health: &Arc<crate::health::Health>,
     ) -> Result<Arc<Self>, StoreError> {
         let membership = Arc::new(Membership {
             more: RwLock::new(None),
@@ -251,7 +252,9 @@ impl Membership {
             }
         }
         let engine = Arc::downgrade(&membership);
-        let worker = Worker::start("segments", queued, move |rx| background(&engine, &rx))?;
+        let worker = Worker::start("segments", health, queued, move |rx| {
+            background(&engine, rx);
+        })?;
         *lock(&membership.worker) = Some(worker);
         Ok(membership)
     }
@@ -674,11 +677,8 @@ impl Membership {
         if !current() {
             return Ok(());
         }
-        let Some(version) = self
-            .store
-            .segments::<Segment>()?
-            .into_iter()
-            .find(|s| s.key == segment)
+        let Some(version) = super::all(&self.store)?
+            .remove(segment)
             .map(|s| s.updated_at)
         else {
             return Ok(());

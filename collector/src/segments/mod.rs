@@ -34,15 +34,31 @@ pub struct Segment {
     pub updated_at: Timestamp,
 }
 
-/// Every stored segment, by key.
+/// Every stored segment that can be read, by key (see [`broken`] for the others).
 ///
 /// # Errors
 ///
-/// On a storage failure or an undecodable record.
+/// On a storage failure.
 pub fn all(store: &Store) -> Result<BTreeMap<String, Segment>, StoreError> {
     Ok(store
         .segments::<Segment>()?
         .into_iter()
+        .filter_map(|(_, segment)| segment.ok())
         .map(|s| (s.key.clone(), s))
+        .collect())
+}
+
+/// The stored segments that cannot be read, by key, with the reason: they are left
+/// out of membership (and logged at start), listed by the API as broken, and can be
+/// deleted or replaced.
+///
+/// # Errors
+///
+/// On a storage failure.
+pub fn broken(store: &Store) -> Result<BTreeMap<String, String>, StoreError> {
+    Ok(store
+        .segments::<Segment>()?
+        .into_iter()
+        .filter_map(|(key, segment)| segment.err().map(|why| (key, why)))
         .collect())
 }
