@@ -130,6 +130,10 @@ pub struct FileConfig {
 pub struct SourceConfig {
     /// The source's write key.
     pub write_key: String,
+    /// A secret that lets imports (`POST /v1/imports`) into this source, besides the
+    /// admin token. The write key never does: it ships in web pages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_key: Option<String>,
     /// Its processing rules; without them it gets the default rules.
     #[serde(default)]
     pub rules: Option<SourceRules>,

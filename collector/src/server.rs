@@ -77,6 +77,8 @@ pub struct AppState {
     /// Campaigns and the delivery outbox (with identity resolution).
     pub activation: Option<Arc<Activation>>,
     sources: HashMap<String, Arc<str>>,
+    /// Import keys, by key: the source each imports into.
+    import_keys: HashMap<String, Arc<str>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -84,6 +86,11 @@ impl AppState {
     /// The source id behind a write key.
     pub fn source_for(&self, write_key: &str) -> Option<Arc<str>> {
         self.sources.get(write_key).cloned()
+    }
+
+    /// The source an import key imports into.
+    pub fn import_source_for(&self, import_key: &str) -> Option<Arc<str>> {
+        self.import_keys.get(import_key).cloned()
     }
 
     /// The ids of the sources this collector accepts.
@@ -298,6 +305,7 @@ impl Collector {
             store.clone(),
             writer.clone(),
             config.dedup_window,
+            config.max_import_bytes,
             &health,
         )?);
         let watchers = Watchers::start(&file.watch, &importer)
@@ -321,6 +329,14 @@ impl Collector {
             identity,
             membership,
             activation,
+            import_keys: file
+                .sources
+                .iter()
+                .filter_map(|s| {
+                    let key = s.import_key.clone()?;
+                    Some((key, Arc::from(source_id(&s.write_key))))
+                })
+                .collect(),
             sources: write_keys
                 .iter()
                 .map(|key| (key.value.clone(), Arc::from(source_id(&key.value))))

@@ -361,7 +361,7 @@ fn an_import_killed_midway_resumes_and_stores_every_row_once() {
         .post(format!(
             "{url}/v1/imports?user_id=id&traits=plan&format=csv"
         ))
-        .basic_auth(WRITE_KEY, Some(""))
+        .bearer_auth(ADMIN_TOKEN)
         .body(csv)
         .send()
         .expect("upload")

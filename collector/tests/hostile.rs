@@ -308,3 +308,155 @@ fn deeply_nested_segment_definitions_are_refused_and_a_restart_works() {
         .collect();
     assert_eq!(keys, ["fine"]);
 }
+
+/// The collector's peak resident memory so far, from `/proc`.
+fn peak_rss_kib(c: &Collector) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", c.child.id())).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+fn import(c: &Collector, query: &str, gzip: bool, body: Vec<u8>) -> Response {
+    let mut request = c
+        .http
+        .post(format!("{}/v1/imports?{query}", c.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(body);
+    if gzip {
+        request = request.header("content-encoding", "gzip");
+    }
+    request.send().expect("sent")
+}
+
+fn import_report(c: &Collector, accepted: Response) -> Value {
+    assert_eq!(accepted.status(), 202);
+    let id = accepted.json::<Value>().expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    eventually("the import to finish", || {
+        let report = c.get(&format!("/v1/imports/{id}"));
+        (report["status"] != "processing").then_some(report)
+    })
+}
+
+/// `head`, then `bytes` bytes of `fill`, then `tail`, gzipped.
+fn gzipped(head: &[u8], fill: u8, bytes: usize, tail: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(head).expect("gzip");
+    let chunk = vec![fill; 1 << 20];
+    for _ in 0..bytes / chunk.len() {
+        encoder.write_all(&chunk).expect("gzip");
+    }
+    encoder.write_all(tail).expect("gzip");
+    encoder.finish().expect("gzip")
+}
+
+#[test]
+fn imports_need_a_secret_and_read_bombs_in_bounded_memory() {
+    let c = Collector::start(&[]);
+    let by_write_key = c
+        .http
+        .post(format!("{}/v1/imports?user_id=id&format=csv", c.url))
+        .basic_auth(WRITE_KEY, Some(""))
+        .body("id\nu1\n")
+        .send()
+        .expect("sent");
+    assert_eq!(
+        status_and_code(by_write_key),
+        (401, "unauthorized".to_owned())
+    );
+
+    // One 64 MiB NDJSON line in a small gzip, then a good line.
+    let bomb = gzipped(
+        b"{\"id\": \"x\", \"pad\": \"",
+        b'x',
+        64 << 20,
+        b"\"}\n{\"id\": \"after\"}\n",
+    );
+    assert!(bomb.len() < 1 << 20, "{} bytes compressed", bomb.len());
+    let before = peak_rss_kib(&c);
+    let report = import_report(&c, import(&c, "user_id=id&format=ndjson", true, bomb));
+    let grown = peak_rss_kib(&c).saturating_sub(before);
+    assert_eq!(report["ingested"], 1, "{report}");
+    assert_eq!(report["failed"], 1, "{report}");
+    assert!(
+        report["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("longer than")),
+        "{report}"
+    );
+    assert!(
+        grown < 32 << 10,
+        "peak RSS grew by {grown} KiB reading a 64 MiB line"
+    );
+
+    // The same with one huge quoted CSV field.
+    let bomb = gzipped(b"id,note\nx,\"", b'x', 64 << 20, b"\"\nafter-csv,ok\n");
+    let before = peak_rss_kib(&c);
+    let report = import_report(&c, import(&c, "user_id=id&format=csv", true, bomb));
+    let grown = peak_rss_kib(&c).saturating_sub(before);
+    assert_eq!(
+        (report["ingested"].clone(), report["failed"].clone()),
+        (json!(1), json!(1)),
+        "{report}"
+    );
+    assert!(
+        grown < 32 << 10,
+        "peak RSS grew by {grown} KiB reading a 64 MiB CSV field"
+    );
+    c.wait_processed();
+    assert_eq!(
+        c.get("/v1/events?user_id=after-csv")["events"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+}
+
+#[test]
+fn the_import_limit_counts_decompressed_bytes_and_sources_have_a_quota() {
+    use std::io::Write;
+    let c = Collector::start(&["--max-import-bytes", "1000000"]);
+    let mut lines = String::new();
+    for i in 0..200_000 {
+        lines.push_str(&format!("{{\"id\": \"u{i}\"}}\n"));
+    }
+    let small = gzipped(lines.as_bytes(), b'\n', 0, b"");
+    assert!(small.len() < 1_000_000);
+    let report = import_report(&c, import(&c, "user_id=id&format=ndjson", true, small));
+    assert_eq!(report["status"], "failed", "{report}");
+    assert!(
+        report["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("larger than 1000000 bytes")),
+        "{report}"
+    );
+
+    // Four uploads held open: the fifth is refused until one ends.
+    let addr = c.url.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut stream = std::net::TcpStream::connect(&addr).expect("connect");
+        write!(
+            stream,
+            "POST /v1/imports?user_id=id&format=csv HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_TOKEN}\r\ncontent-length: 1000\r\n\r\nid\n"
+        )
+        .expect("write");
+        held.push(stream);
+    }
+    let refused = eventually("the fifth upload refused", || {
+        let response = import(&c, "user_id=id&format=csv", false, b"id\nq\n".to_vec());
+        (response.status() == 429).then_some(response)
+    });
+    assert!(refused.headers().contains_key("retry-after"));
+    drop(held);
+    eventually("uploads taken again", || {
+        let response = import(&c, "user_id=id&format=csv", false, b"id\nq2\n".to_vec());
+        (response.status() == 202).then_some(())
+    });
+}

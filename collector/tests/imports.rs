@@ -31,7 +31,9 @@ fn upload(
     content_type: &str,
     body: Vec<u8>,
 ) -> reqwest::blocking::Response {
-    h.post(&format!("/v1/imports?{query}"))
+    h.http
+        .post(h.url(&format!("/v1/imports?{query}")))
+        .bearer_auth(ADMIN_TOKEN)
         .header("content-type", content_type)
         .body(body)
         .send()
@@ -156,7 +158,9 @@ fn ndjson_and_gzip_imports_map_tracks() {
     // Not gzip-flagged: the gzip bytes are not NDJSON, so every line fails.
     assert_eq!(report["status"], "failed", "{report}");
     let response = h
-        .post(&format!("/v1/imports?{query}&format=ndjson"))
+        .http
+        .post(h.url(&format!("/v1/imports?{query}&format=ndjson")))
+        .bearer_auth(ADMIN_TOKEN)
         .header("content-encoding", "gzip")
         .body(gzip(body.as_bytes()))
         .send()
@@ -238,16 +242,27 @@ fn bad_import_requests_get_clear_errors() {
     let unknown = h.admin_get("/v1/imports/imp_nope");
     assert_eq!(error_code(unknown), (404, "not_found".to_owned()));
     let id = report["id"].as_str().expect("id");
-    let by_key = h
+    let by_write_key = h
         .http
         .get(h.url(&format!("/v1/imports/{id}")))
         .basic_auth(WRITE_KEY, Some(""))
         .send()
         .expect("sent");
     assert_eq!(
-        by_key.status(),
-        200,
-        "the source's write key reads its import"
+        by_write_key.status(),
+        401,
+        "the public write key reads no import report"
+    );
+    let upload_by_write_key = h
+        .post("/v1/imports?user_id=id")
+        .header("content-type", "text/csv")
+        .body(csv())
+        .send()
+        .expect("sent");
+    assert_eq!(
+        error_code(upload_by_write_key),
+        (401, "unauthorized".to_owned()),
+        "the public write key cannot import"
     );
     let listing_by_key = h
         .http
@@ -347,8 +362,8 @@ fn the_import_command_imports_a_local_file() {
             file.to_str().expect("path"),
             "--url",
             &h.url(""),
-            "--write-key",
-            WRITE_KEY,
+            "--key",
+            ADMIN_TOKEN,
         ])
         .args([
             "--user-id",
@@ -375,8 +390,8 @@ fn the_import_command_imports_a_local_file() {
             file.to_str().expect("path"),
             "--url",
             &h.url(""),
-            "--write-key",
-            "wrong",
+            "--key",
+            WRITE_KEY,
             "--user-id",
             "id",
         ])
@@ -446,4 +461,59 @@ fn an_interrupted_import_resumes_after_its_last_reported_row() {
     );
     assert!(!file.exists(), "the upload is deleted once imported");
     let _ = ADMIN_TOKEN;
+}
+
+#[test]
+fn import_keys_import_into_their_own_source_and_the_admin_token_names_one() {
+    use kith_collector::config::{FileConfig, SourceConfig};
+    let source = |write_key: &str, import_key: &str| SourceConfig {
+        write_key: write_key.to_owned(),
+        import_key: Some(import_key.to_owned()),
+        rules: None,
+    };
+    let h = Harness::start_with(|config| {
+        config.file = Some(FileConfig {
+            sources: vec![source("wk_web", "ik_web"), source("wk_crm", "ik_crm")],
+            ..FileConfig::default()
+        });
+    });
+    let send = |key: &str, query: &str| {
+        h.http
+            .post(h.url(&format!("/v1/imports?user_id=id&format=csv{query}")))
+            .bearer_auth(key)
+            .body("id\nu1\n")
+            .send()
+            .expect("sent")
+    };
+    let crm = source_id("wk_crm");
+    let by_key = send("ik_crm", "");
+    assert_eq!(by_key.status(), 202);
+    let report: Value = by_key.json().expect("json");
+    assert_eq!(report["source"], crm.as_str());
+    let id = report["id"].as_str().expect("id").to_owned();
+    let read = |key: &str| {
+        h.http
+            .get(h.url(&format!("/v1/imports/{id}")))
+            .bearer_auth(key)
+            .send()
+            .expect("sent")
+            .status()
+    };
+    assert_eq!(read("ik_crm"), 200);
+    assert_eq!(read("ik_web"), 404, "another source's key sees nothing");
+    assert_eq!(
+        error_code(send("ik_web", &format!("&source={crm}"))),
+        (400, "unknown_source".to_owned())
+    );
+    assert_eq!(
+        error_code(send(ADMIN_TOKEN, "")),
+        (400, "source_required".to_owned()),
+        "two sources: the admin token must name one"
+    );
+    let named = send(ADMIN_TOKEN, &format!("&source={crm}"));
+    assert_eq!(named.status(), 202);
+    assert_eq!(
+        error_code(send("wk_web", "")),
+        (401, "unauthorized".to_owned())
+    );
 }

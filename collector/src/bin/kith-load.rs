@@ -282,7 +282,7 @@ fn import_benchmark(collector: &std::path::Path, mb: u64) {
             ("timestamp", "signed_up"),
             ("traits", "first_name,last_name,plan,country"),
         ])
-        .basic_auth(WRITE_KEY, Some(""))
+        .bearer_auth(ADMIN_TOKEN)
         .header("content-type", "text/csv")
         .body(std::fs::File::open(&csv_path).expect("csv"))
         .send()

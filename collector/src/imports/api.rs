@@ -2,17 +2,19 @@
 //!
 //! - `POST /v1/imports?type=identify&user_id=id&traits=first_name,plan&...`: the body is
 //!   the file (CSV or NDJSON, gzip accepted with `Content-Encoding: gzip`), the query is
-//!   the [`Mapping`]. Authenticated with the source's write key, like every ingest
-//!   endpoint. The file is streamed to disk (never held in memory), then answered
-//!   `202 Accepted` with the import's report, while the importer reads it.
-//! - `GET /v1/imports/{id}`: the report, for the admin token or the source's write key.
+//!   the [`Mapping`] (and `source=src_…` with the admin token when the collector has
+//!   several sources). Authenticated with a secret: the admin token, or the source's
+//!   import key (`Authorization: Bearer`, or HTTP Basic with the key as user), never the
+//!   write key, which ships in web pages. The file is streamed to disk (never held in
+//!   memory), then answered `202 Accepted` with the import's report, while the importer
+//!   reads it. A source has at most [`MAX_OPEN_IMPORTS`] imports uploading or waiting.
+//! - `GET /v1/imports/{id}`: the report, for the admin token or the source's import key.
 //! - `GET /v1/imports`: the latest imports (admin token).
 
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -23,13 +25,17 @@ use tokio::io::AsyncWriteExt;
 
 use super::job::{Finish, ImportJob};
 use super::{Format, ImportReport, Mapping, StoredImport, new_id};
-use crate::admin::{blocking, is_admin};
+use crate::admin::{bearer_token, blocking, is_admin};
 use crate::error::ApiError;
 use crate::ingest::basic_auth_key;
 use crate::server::AppState;
 
 /// Imports listed by `GET /v1/imports`.
 const LISTED_IMPORTS: usize = 100;
+
+/// The most imports one source may have uploading or waiting for the importer; more
+/// are answered 429.
+pub const MAX_OPEN_IMPORTS: usize = 4;
 
 /// The routes (each checks its own credentials).
 pub fn routes() -> Router<Arc<AppState>> {
@@ -71,14 +77,83 @@ fn gzip(headers: &HeaderMap) -> Result<bool, ApiError> {
     }
 }
 
+/// The secret a request carries: a bearer token, or an HTTP Basic user.
+fn credential(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    if let Some(token) = bearer_token(headers) {
+        return Ok(Some(token.to_owned()));
+    }
+    basic_auth_key(headers)
+}
+
+/// The source an import is for: the admin token imports into the source the query
+/// names (or the only one), an import key into its own source.
+fn import_source(
+    state: &AppState,
+    headers: &HeaderMap,
+    named: Option<&str>,
+) -> Result<Arc<str>, ApiError> {
+    let key = credential(headers)?.ok_or(ApiError::Unauthorized(
+        "imports need the admin token or the source's import key (Authorization: Bearer)",
+    ))?;
+    if is_admin(state, headers) {
+        let mut sources = state.source_ids();
+        return match named {
+            Some(named) => state
+                .source_ids()
+                .find(|s| ***s == *named)
+                .cloned()
+                .ok_or_else(|| ApiError::invalid("unknown_source", format!("no source {named:?}"))),
+            None => match (sources.next(), sources.next()) {
+                (Some(only), None) => Ok(only.clone()),
+                _ => Err(ApiError::invalid(
+                    "source_required",
+                    "this collector has several sources: say which with source=src_…",
+                )),
+            },
+        };
+    }
+    match state.import_source_for(&key) {
+        Some(source) if named.is_none_or(|n| *n == *source) => Ok(source),
+        Some(_) => Err(ApiError::invalid(
+            "unknown_source",
+            "the import key belongs to another source",
+        )),
+        None if state.source_for(&key).is_some() => Err(ApiError::Unauthorized(
+            "the write key cannot import (it ships in web pages): use the admin token or the source's import key",
+        )),
+        None => Err(ApiError::Unauthorized("unknown import key")),
+    }
+}
+
+/// The query of `POST /v1/imports`: the mapping, and `source` apart.
+fn import_query(query: Option<&str>) -> Result<(Mapping, Option<String>), ApiError> {
+    let invalid =
+        |e: serde_urlencoded::de::Error| ApiError::invalid("invalid_mapping", e.to_string());
+    let mut pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.unwrap_or("")).map_err(invalid)?;
+    let source = pairs
+        .iter()
+        .position(|(name, _)| name == "source")
+        .map(|i| pairs.remove(i).1);
+    let rest = serde_urlencoded::to_string(&pairs)
+        .map_err(|e| ApiError::invalid("invalid_mapping", e.to_string()))?;
+    Ok((serde_urlencoded::from_str(&rest).map_err(invalid)?, source))
+}
+
 async fn create(
     State(state): State<Arc<AppState>>,
-    mapping: Result<Query<Mapping>, QueryRejection>,
+    RawQuery(query): RawQuery,
     request: Request,
 ) -> Result<impl IntoResponse, ApiError> {
-    let source = state.authenticate(basic_auth_key(request.headers())?.as_deref())?;
-    let Query(mapping) =
-        mapping.map_err(|e| ApiError::invalid("invalid_mapping", e.body_text()))?;
+    let (mapping, named) = import_query(query.as_deref())?;
+    let source = import_source(&state, request.headers(), named.as_deref())?;
+    let slot =
+        state
+            .importer
+            .open_slot(&source, MAX_OPEN_IMPORTS)
+            .ok_or(ApiError::RateLimited {
+                retry_after_secs: 10,
+            })?;
     mapping
         .check(None)
         .map_err(|e| ApiError::invalid("invalid_mapping", e))?;
@@ -111,7 +186,7 @@ async fn create(
     };
     let report = job.report.clone();
     let importer = state.importer.clone();
-    blocking(move || importer.submit(&job)).await?;
+    blocking(move || importer.submit(&job, Some(slot))).await?;
     Ok((StatusCode::ACCEPTED, Json(report)))
 }
 
@@ -146,7 +221,14 @@ async fn show(
     let source = if admin {
         None
     } else {
-        Some(state.authenticate(basic_auth_key(&headers)?.as_deref())?)
+        let key = credential(&headers)?.ok_or(ApiError::Unauthorized(
+            "an import's report needs the admin token or the source's import key",
+        ))?;
+        Some(
+            state
+                .import_source_for(&key)
+                .ok_or(ApiError::Unauthorized("unknown import key"))?,
+        )
     };
     let store = state.store.clone();
     let key = id.clone();

@@ -21,9 +21,14 @@ pub struct ImportArgs {
     /// The collector's base URL.
     #[arg(long, env = "KITH_URL", default_value = "http://127.0.0.1:8787")]
     pub url: String,
-    /// The write key of the source to import for.
-    #[arg(long, env = "KITH_WRITE_KEY")]
-    pub write_key: String,
+    /// A secret that may import: the admin token, or the source's import key (never
+    /// the write key).
+    #[arg(long, env = "KITH_IMPORT_KEY")]
+    pub key: String,
+    /// The source to import into (`src_…`), needed with the admin token when the
+    /// collector has several.
+    #[arg(long)]
+    pub source: Option<String>,
     /// How records become messages.
     #[command(flatten)]
     pub mapping: Mapping,
@@ -54,9 +59,12 @@ pub fn run(mut args: ImportArgs) -> Result<i32, Box<dyn std::error::Error>> {
     let url = args.url.trim_end_matches('/');
     let mut request = http
         .post(format!("{url}/v1/imports"))
-        .basic_auth(&args.write_key, Some(""))
+        .bearer_auth(&args.key)
         .query(&args.mapping)
         .body(Body::from(file));
+    if let Some(source) = &args.source {
+        request = request.query(&[("source", source)]);
+    }
     if gzip {
         request = request.header("content-encoding", "gzip");
     }
@@ -75,7 +83,7 @@ pub fn run(mut args: ImportArgs) -> Result<i32, Box<dyn std::error::Error>> {
         std::thread::sleep(POLL);
         report = http
             .get(format!("{url}/v1/imports/{}", report.id))
-            .basic_auth(&args.write_key, Some(""))
+            .bearer_auth(&args.key)
             .send()?
             .error_for_status()?
             .json()?;

@@ -20,6 +20,7 @@ pub mod api;
 pub mod cli;
 pub mod job;
 pub mod postgres;
+pub mod records;
 pub mod watch;
 
 use std::str::FromStr;

@@ -232,7 +232,9 @@ impl Watch {
             finish: Finish::MoveUnder(self.dir.path.clone()),
         };
         tracing::info!(file = name, id = %job.report.id, "importing a dropped file");
-        self.importer.submit(&job).map_err(std::io::Error::other)
+        self.importer
+            .submit(&job, None)
+            .map_err(std::io::Error::other)
     }
 }
 

@@ -21,6 +21,7 @@
 //! version (`updated_at`) computed for all profiles; `n` → the last change number.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
@@ -34,6 +35,7 @@ use serde_json::Value;
 
 use super::Segment;
 use crate::error::StoreError;
+use crate::health::panic_message;
 use crate::identity::Identity;
 use crate::pipeline::{Outcome, Stage};
 use crate::store::{Space, Store, StoredEvent, Writes, space_key as key};
@@ -104,12 +106,16 @@ pub enum Kind {
 /// How far the computation of a segment for existing profiles is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
-    /// `computing` or `ready`.
+    /// `computing`, `ready`, or `failed` (the computation stopped on an error: saving
+    /// the segment again retries it).
     pub state: String,
     /// Profiles evaluated.
     pub done: usize,
     /// Profiles to evaluate.
     pub total: usize,
+    /// Why the computation failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One profile to re-evaluate.
@@ -348,6 +354,7 @@ impl Membership {
                     state: "computing".to_owned(),
                     done: 0,
                     total: 0,
+                    error: None,
                 },
             ),
         );
@@ -365,12 +372,21 @@ impl Membership {
                     state: "ready".to_owned(),
                     done,
                     total,
+                    error: None,
                 },
             ),
         );
     }
 
-    /// How far the computation of a segment is.
+    /// Marks the computation of `segment` failed, with the reason.
+    fn failed(&self, segment: &str, error: String) {
+        if let Some((_, progress)) = lock(&self.progress).get_mut(segment) {
+            progress.state = "failed".to_owned();
+            progress.error = Some(error);
+        }
+    }
+
+    /// How far the computation of `segment` is.
     pub fn progress(&self, segment: &str) -> Option<Progress> {
         lock(&self.progress).get(segment).map(|(_, p)| p.clone())
     }
@@ -819,7 +835,23 @@ fn background(engine: &std::sync::Weak<Membership>, rx: &Receiver<Job>) {
             return;
         };
         let result = match job {
-            Some(Job::Compute(segment, generation)) => membership.compute(&segment, generation),
+            Some(Job::Compute(segment, generation)) => {
+                // One segment's computation cannot take the thread down with it.
+                let outcome = catch_unwind(AssertUnwindSafe(|| {
+                    membership.compute(&segment, generation)
+                }))
+                .unwrap_or_else(|panic| {
+                    Err(StoreError::Corrupt(format!(
+                        "the computation panicked: {}",
+                        panic_message(panic.as_ref())
+                    )))
+                });
+                if let Err(error) = &outcome {
+                    tracing::error!(segment = %segment, %error, "computing a segment failed");
+                    membership.failed(&segment, error.to_string());
+                }
+                Ok(())
+            }
             Some(Job::Forget(segment)) => membership.forget(&segment),
             Some(Job::Tick) | None => Ok(()),
         }
