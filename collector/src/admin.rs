@@ -230,10 +230,20 @@ async fn events(
 
 async fn live(
     State(state): State<Arc<AppState>>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    // Held as long as the stream lives: a bounded number of tails are open at once.
+    let place =
+        state
+            .live_tails
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::RateLimited {
+                retry_after_secs: 5,
+            })?;
     let mut shutdown = state.shutdown_signal();
     let stream = BroadcastStream::new(state.live.subscribe())
-        .map(|item| {
+        .map(move |item| {
+            let _place = &place;
             Ok(match item {
                 Ok(json) => Event::default().event("event").data(&*json),
                 Err(BroadcastStreamRecvError::Lagged(missed)) => {
@@ -244,7 +254,7 @@ async fn live(
         .take_until(async move {
             let _ = shutdown.wait_for(|stopping| *stopping).await;
         });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Json<StatsReport> {
@@ -310,6 +320,12 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
         "# HELP kith_events_quarantined_total Events a stage failed or panicked on, moved to the failed-events store, since start.\n\
          # TYPE kith_events_quarantined_total counter\nkith_events_quarantined_total {}",
         state.health.quarantined()
+    );
+    let _ = writeln!(
+        text,
+        "# HELP kith_connections_refused_total Connections closed at once because --max-connections were open.\n\
+         # TYPE kith_connections_refused_total counter\nkith_connections_refused_total {}",
+        state.refused_connections.count()
     );
     let threads = state.health.snapshot();
     let _ = writeln!(

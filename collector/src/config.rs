@@ -22,6 +22,12 @@ pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 60 * 60)
 /// collector's footprint stays low; sled reads what falls out of it from disk.
 pub const DEFAULT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
+/// The most connections open at once, by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024;
+
+/// The most live tails open at once, by default.
+pub const DEFAULT_MAX_LIVE_TAILS: usize = 16;
+
 /// How far behind the pipeline may be before `/readyz` answers 503, by default.
 pub const DEFAULT_READY_MAX_LAG: Duration = Duration::from_secs(5 * 60);
 
@@ -82,6 +88,24 @@ pub struct Config {
     /// The largest file `POST /v1/imports` takes, in bytes.
     #[arg(long, env = "KITH_MAX_IMPORT_BYTES", default_value_t = DEFAULT_MAX_IMPORT_BYTES)]
     pub max_import_bytes: u64,
+
+    /// How long a client may take to send a request's headers; idle keep-alive
+    /// connections close after it too.
+    #[arg(long, env = "KITH_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
+    /// How long a client may take to send an ingest or admin request's body (an import
+    /// upload may take longer, but may pause at most this long between two reads).
+    #[arg(long, env = "KITH_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub body_timeout: Duration,
+
+    /// The most connections open at once; more are closed at once.
+    #[arg(long, env = "KITH_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// The most live tails (`GET /v1/events/live`) open at once; more get 429.
+    #[arg(long, env = "KITH_MAX_LIVE_TAILS", default_value_t = DEFAULT_MAX_LIVE_TAILS)]
+    pub max_live_tails: usize,
 
     /// `/readyz` answers 503 while the oldest event the pipeline has not processed was
     /// received longer ago than this (for example `5m`).
@@ -200,6 +224,10 @@ impl Config {
             identity: false,
             max_import_bytes: DEFAULT_MAX_IMPORT_BYTES,
             ready_max_lag: DEFAULT_READY_MAX_LAG,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_live_tails: DEFAULT_MAX_LIVE_TAILS,
             metrics_listen: None,
             faults: Vec::new(),
             file: None,

@@ -14,7 +14,7 @@
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Body;
@@ -96,7 +96,7 @@ fn count_refusal(state: &AppState, result: &Result<IngestReply, ApiError>) {
 async fn ingest_batch(state: &AppState, request: Request) -> Result<IngestReply, ApiError> {
     let context = RequestContext::of(state, &request);
     let header_key = basic_auth_key(request.headers())?;
-    let body = read_body(request).await?;
+    let body = read_body(request, state.body_timeout).await?;
     let batch: Batch<Box<RawValue>> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid("invalid_json", format!("the body is not a batch: {e}")))?;
     let source = state.authenticate(header_key.as_deref().or(batch.write_key.as_deref()))?;
@@ -134,7 +134,7 @@ async fn ingest_single(
 ) -> Result<IngestReply, ApiError> {
     let context = RequestContext::of(state, &request);
     let header_key = basic_auth_key(request.headers())?;
-    let body = read_body(request).await?;
+    let body = read_body(request, state.body_timeout).await?;
     if body.len() > MAX_EVENT_BYTES {
         return Err(ApiError::too_large(
             "event_too_large",
@@ -342,8 +342,9 @@ pub(crate) fn basic_auth_key(headers: &HeaderMap) -> Result<Option<String>, ApiE
     Ok(Some(user.to_owned()))
 }
 
-/// Reads the body, at most [`MAX_BATCH_BYTES`] after gzip decompression.
-async fn read_body(request: Request) -> Result<Vec<u8>, ApiError> {
+/// Reads the body, at most [`MAX_BATCH_BYTES`] after gzip decompression, all of it
+/// within `deadline`.
+async fn read_body(request: Request, deadline: Duration) -> Result<Vec<u8>, ApiError> {
     let too_large = || {
         ApiError::too_large(
             "body_too_large",
@@ -372,9 +373,27 @@ async fn read_body(request: Request) -> Result<Vec<u8>, ApiError> {
     if declared.is_some_and(|len| len > MAX_BATCH_BYTES) {
         return Err(too_large());
     }
-    let raw = axum::body::to_bytes(Body::new(request.into_body()), MAX_BATCH_BYTES)
-        .await
-        .map_err(|_| too_large())?;
+    let raw = tokio::time::timeout(
+        deadline,
+        axum::body::to_bytes(Body::new(request.into_body()), MAX_BATCH_BYTES),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::Timeout(format!(
+            "the body did not arrive within {} s",
+            deadline.as_secs()
+        ))
+    })?
+    .map_err(|error| {
+        let over_limit = std::error::Error::source(&error)
+            .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+        if over_limit {
+            too_large()
+        } else {
+            // The body stopped arriving (the idle timeout) or broke off.
+            ApiError::Timeout(format!("the body did not arrive: {error}"))
+        }
+    })?;
     if !gzip {
         return Ok(raw.to_vec());
     }

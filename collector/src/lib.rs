@@ -16,6 +16,7 @@ pub mod child;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod http;
 pub mod identity;
 pub mod imports;
 pub mod ingest;

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tower_http::cors::CorsLayer;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::activation::Activation;
 use crate::config::{Config, FileConfig};
@@ -64,6 +65,12 @@ pub struct AppState {
     pub admin_token: String,
     /// `/readyz` fails while the pipeline is further behind than this.
     pub ready_max_lag: std::time::Duration,
+    /// How long a request body may take to arrive (between two reads, for uploads).
+    pub body_timeout: std::time::Duration,
+    /// Places for live tails; one is held while a tail is open.
+    pub live_tails: Arc<tokio::sync::Semaphore>,
+    /// Connections refused because too many were open.
+    pub refused_connections: Arc<crate::http::Refused>,
     /// Proxies whose `X-Forwarded-For` is trusted.
     pub trusted_proxies: Vec<IpNet>,
     /// The per-source rate limit, when configured.
@@ -137,6 +144,7 @@ pub struct Collector {
     watchers: Watchers,
     postgres: Vec<PostgresSource>,
     metrics: Option<std::net::TcpListener>,
+    limits: crate::http::Limits,
     pipeline: Mutex<Option<JoinHandle<()>>>,
     /// The write keys in use.
     pub write_keys: Vec<Credential>,
@@ -323,6 +331,9 @@ impl Collector {
             live,
             admin_token: admin_token.value.clone(),
             ready_max_lag: config.ready_max_lag,
+            body_timeout: config.body_timeout,
+            live_tails: Arc::new(tokio::sync::Semaphore::new(config.max_live_tails)),
+            refused_connections: Arc::default(),
             trusted_proxies: config.trusted_proxies.clone(),
             limiter: (config.rate_limit > 0).then(|| RateLimiter::new(config.rate_limit)),
             rules,
@@ -348,6 +359,10 @@ impl Collector {
             wake,
             watchers,
             postgres: file.postgres,
+            limits: crate::http::Limits {
+                header_timeout: config.header_timeout,
+                max_connections: config.max_connections,
+            },
             metrics: config
                 .metrics_listen
                 .map(|addr| {
@@ -420,12 +435,13 @@ impl Collector {
             shutdown.await;
             state.begin_shutdown();
         };
-        let result = axum::serve(
+        let result = crate::http::serve(
             listener,
-            self.router()
-                .into_make_service_with_connect_info::<SocketAddr>(),
+            self.router(),
+            self.limits,
+            self.state.refused_connections.clone(),
+            signal,
         )
-        .with_graceful_shutdown(signal)
         .await;
         tokio::task::spawn_blocking(move || self.shutdown())
             .await
@@ -478,6 +494,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         );
     }
     let ingest_routes = ingest_routes.layer(CorsLayer::permissive());
+    let body_timeout = state.body_timeout;
 
     Router::new()
         .merge(ingest_routes)
@@ -487,6 +504,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/readyz", get(admin::readyz))
         .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()) })
         .with_state(state)
+        // A body that stops arriving is dropped: no request waits forever for bytes.
+        .layer(RequestBodyTimeoutLayer::new(body_timeout))
 }
 
 /// A collector serving on its own thread and runtime: for tests and for embedding in a

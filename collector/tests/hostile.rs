@@ -460,3 +460,122 @@ fn the_import_limit_counts_decompressed_bytes_and_sources_have_a_quota() {
         (response.status() == 202).then_some(())
     });
 }
+
+/// Reads from `stream` until the server closes it (or 20 s pass); answers what came.
+fn read_until_closed(stream: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return Some(String::from_utf8_lossy(&answer).into_owned()),
+            Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(String::from_utf8_lossy(&answer).into_owned());
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+fn connect(c: &Collector) -> std::net::TcpStream {
+    std::net::TcpStream::connect(c.url.trim_start_matches("http://")).expect("connect")
+}
+
+#[test]
+fn half_sent_requests_are_closed_by_the_header_and_body_timeouts() {
+    use std::io::Write;
+    let c = Collector::start(&["--header-timeout", "1s", "--body-timeout", "1s"]);
+    let mut half_sent: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| {
+            let mut stream = connect(&c);
+            stream
+                .write_all(
+                    b"POST /v1/batch HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n",
+                )
+                .expect("write");
+            stream
+        })
+        .collect();
+    for stream in &mut half_sent {
+        assert!(
+            read_until_closed(stream).is_some(),
+            "a half-sent request was held"
+        );
+    }
+    // Headers sent, the body never finished: 408.
+    let mut slow_body = connect(&c);
+    write!(
+        slow_body,
+        "POST /v1/batch HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"batch\": ["
+    )
+    .expect("write");
+    let answer = read_until_closed(&mut slow_body).expect("answered");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let fine = c.post("/v1/track", &json!({"event": "E", "userId": "u"}));
+    assert_eq!(fine.status(), 200);
+}
+
+#[test]
+fn connections_and_live_tails_are_capped() {
+    use std::io::Write;
+    let c = Collector::start(&["--max-connections", "8", "--max-live-tails", "2"]);
+    // The test's own client keeps one connection alive: 7 more fill the cap.
+    assert_eq!(
+        c.post("/v1/track", &json!({"event": "E", "userId": "u"}))
+            .status(),
+        200
+    );
+    let mut idle: Vec<std::net::TcpStream> = Vec::new();
+    for _ in 0..7 {
+        let mut stream = connect(&c);
+        // A complete request keeps each connection open and proves it was accepted.
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .expect("write");
+        let mut first = [0u8; 12];
+        std::io::Read::read_exact(&mut stream, &mut first).expect("answered");
+        assert_eq!(&first, b"HTTP/1.1 200");
+        idle.push(stream);
+    }
+    let mut over = connect(&c);
+    let answer = read_until_closed(&mut over).expect("closed at once");
+    assert!(answer.is_empty(), "{answer}");
+    drop(idle);
+    let metrics = eventually("the cap to free", || {
+        let response = c
+            .http
+            .get(format!("{}/metrics", c.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .ok()?;
+        response
+            .status()
+            .is_success()
+            .then(|| response.text().ok())
+            .flatten()
+    });
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kith_connections_refused_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    let tail = |c: &Collector| {
+        c.http
+            .get(format!("{}/v1/events/live", c.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .expect("sent")
+    };
+    let open = [tail(&c), tail(&c)];
+    assert!(open.iter().all(|t| t.status() == 200));
+    assert_eq!(tail(&c).status(), 429, "a third live tail");
+    drop(open);
+    eventually("a live tail place again", || {
+        (tail(&c).status() == 200).then_some(())
+    });
+}
