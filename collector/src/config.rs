@@ -22,6 +22,9 @@ pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 60 * 60)
 /// collector's footprint stays low; sled reads what falls out of it from disk.
 pub const DEFAULT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
+/// The free-space watermark of the data directory's disk, by default: 512 MiB.
+pub const DEFAULT_MIN_FREE_DISK: u64 = 512 << 20;
+
 /// The most connections open at once, by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024;
 
@@ -106,6 +109,12 @@ pub struct Config {
     /// The most live tails (`GET /v1/events/live`) open at once; more get 429.
     #[arg(long, env = "KITH_MAX_LIVE_TAILS", default_value_t = DEFAULT_MAX_LIVE_TAILS)]
     pub max_live_tails: usize,
+
+    /// Below this much free space on the data directory's disk, ingest and import
+    /// uploads answer 503 (with `Retry-After`) and imports pause, until space is back
+    /// (a number of bytes, or with a unit: `512MiB`, `2GB`; 0 turns it off).
+    #[arg(long, env = "KITH_MIN_FREE_DISK", default_value = "512MiB", value_parser = crate::disk::parse_bytes)]
+    pub min_free_disk: u64,
 
     /// `/readyz` answers 503 while the oldest event the pipeline has not processed was
     /// received longer ago than this (for example `5m`).
@@ -224,6 +233,7 @@ impl Config {
             identity: false,
             max_import_bytes: DEFAULT_MAX_IMPORT_BYTES,
             ready_max_lag: DEFAULT_READY_MAX_LAG,
+            min_free_disk: DEFAULT_MIN_FREE_DISK,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             max_connections: DEFAULT_MAX_CONNECTIONS,

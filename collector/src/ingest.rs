@@ -94,6 +94,7 @@ fn count_refusal(state: &AppState, result: &Result<IngestReply, ApiError>) {
 }
 
 async fn ingest_batch(state: &AppState, request: Request) -> Result<IngestReply, ApiError> {
+    state.disk.check()?;
     let context = RequestContext::of(state, &request);
     let header_key = basic_auth_key(request.headers())?;
     let body = read_body(request, state.body_timeout).await?;
@@ -132,6 +133,7 @@ async fn ingest_single(
     kind: MessageType,
     request: Request,
 ) -> Result<IngestReply, ApiError> {
+    state.disk.check()?;
     let context = RequestContext::of(state, &request);
     let header_key = basic_auth_key(request.headers())?;
     let body = read_body(request, state.body_timeout).await?;

@@ -14,6 +14,7 @@ pub mod activation;
 pub mod admin;
 pub mod child;
 pub mod config;
+pub mod disk;
 pub mod error;
 pub mod health;
 pub mod http;

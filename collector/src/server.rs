@@ -67,6 +67,8 @@ pub struct AppState {
     pub ready_max_lag: std::time::Duration,
     /// How long a request body may take to arrive (between two reads, for uploads).
     pub body_timeout: std::time::Duration,
+    /// The free-space watermark.
+    pub disk: Arc<crate::disk::Disk>,
     /// Places for live tails; one is held while a tail is open.
     pub live_tails: Arc<tokio::sync::Semaphore>,
     /// Connections refused because too many were open.
@@ -309,11 +311,16 @@ impl Collector {
         )
         .start(wake.clone())
         .map_err(|e| StoreError::Start(format!("the pipeline: {e}")))?;
+        let disk = Arc::new(crate::disk::Disk::new(
+            config.data_dir.clone(),
+            config.min_free_disk,
+        ));
         let importer = Arc::new(Importer::start(
             store.clone(),
             writer.clone(),
             config.dedup_window,
             config.max_import_bytes,
+            disk.clone(),
             &health,
         )?);
         let watchers = Watchers::start(&file.watch, &importer)
@@ -332,6 +339,7 @@ impl Collector {
             admin_token: admin_token.value.clone(),
             ready_max_lag: config.ready_max_lag,
             body_timeout: config.body_timeout,
+            disk,
             live_tails: Arc::new(tokio::sync::Semaphore::new(config.max_live_tails)),
             refused_connections: Arc::default(),
             trusted_proxies: config.trusted_proxies.clone(),

@@ -64,6 +64,14 @@ impl<T: Send + 'static> Worker<T> {
             .map_err(|_| StoreError::ShuttingDown)
     }
 
+    /// Whether [`Worker::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+    }
+
     /// Closes the channel (the thread finishes what is queued) and waits for the thread.
     pub fn close(&self) {
         drop(

@@ -103,6 +103,11 @@ impl LogWriter {
         Ok(result)
     }
 
+    /// Whether the writer takes no more appends (the collector is stopping).
+    pub fn is_closed(&self) -> bool {
+        self.worker.is_closed()
+    }
+
     /// Refuses new appends, commits what is queued and waits for the thread to end.
     pub fn close(&self) {
         self.worker.close();

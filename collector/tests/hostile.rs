@@ -579,3 +579,47 @@ fn connections_and_live_tails_are_capped() {
         (tail(&c).status() == 200).then_some(())
     });
 }
+
+#[test]
+fn a_nearly_full_disk_answers_503_and_recovers_when_space_returns() {
+    use fs4::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let free = fs4::available_space(dir.path()).expect("free space");
+    // The watermark 256 MiB under today's free space; a 768 MiB file crosses it.
+    let watermark = free.saturating_sub(256 << 20);
+    let c = Collector::start_in(dir, &["--min-free-disk", &watermark.to_string()]);
+    let track = |c: &Collector, id: &str| {
+        c.post(
+            "/v1/track",
+            &json!({"event": "E", "userId": "u", "messageId": id}),
+        )
+    };
+    assert_eq!(track(&c, "before").status(), 200);
+    let filler_path = c.dir.path().join("filler");
+    let filler = std::fs::File::create(&filler_path).expect("filler");
+    filler.allocate(768 << 20).expect("allocate");
+    let mut attempt = 0;
+    let refused = eventually("ingest refused", || {
+        attempt += 1;
+        let response = track(&c, &format!("while-full-{attempt}"));
+        (response.status() == 503).then_some(response)
+    });
+    let refused_id = format!("while-full-{attempt}");
+    assert!(refused.headers().contains_key("retry-after"));
+    let upload = import(&c, "user_id=id&format=csv", false, b"id\nx\n".to_vec());
+    assert_eq!(upload.status(), 503);
+    drop(filler);
+    std::fs::remove_file(&filler_path).expect("remove");
+    eventually("ingest again", || {
+        (track(&c, "after").status() == 200).then_some(())
+    });
+    c.wait_processed();
+    for (id, stored) in [("before", 1), (refused_id.as_str(), 0), ("after", 1)] {
+        let found = c.get(&format!("/v1/events?message_id={id}"));
+        assert_eq!(
+            found["events"].as_array().map(Vec::len),
+            Some(stored),
+            "{id}"
+        );
+    }
+}

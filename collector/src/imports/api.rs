@@ -26,6 +26,7 @@ use tokio::io::AsyncWriteExt;
 use super::job::{Finish, ImportJob};
 use super::{Format, ImportReport, Mapping, StoredImport, new_id};
 use crate::admin::{bearer_token, blocking, is_admin};
+use crate::disk::Disk;
 use crate::error::ApiError;
 use crate::ingest::basic_auth_key;
 use crate::server::AppState;
@@ -145,6 +146,7 @@ async fn create(
     RawQuery(query): RawQuery,
     request: Request,
 ) -> Result<impl IntoResponse, ApiError> {
+    state.disk.check()?;
     let (mapping, named) = import_query(query.as_deref())?;
     let source = import_source(&state, request.headers(), named.as_deref())?;
     let slot =
@@ -170,6 +172,7 @@ async fn create(
         Body::new(request.into_body()),
         &path,
         state.max_import_bytes,
+        &state.disk,
     )
     .await
     {
@@ -191,7 +194,12 @@ async fn create(
 }
 
 /// Writes the body to `path` and syncs it, refusing more than `max_bytes`.
-async fn spool(body: Body, path: &std::path::Path, max_bytes: u64) -> Result<(), ApiError> {
+async fn spool(
+    body: Body,
+    path: &std::path::Path,
+    max_bytes: u64,
+    disk: &Disk,
+) -> Result<(), ApiError> {
     let unavailable =
         |e: std::io::Error| ApiError::Unavailable(format!("cannot store the upload: {e}"));
     let mut file = tokio::fs::File::create(path).await.map_err(unavailable)?;
@@ -200,6 +208,7 @@ async fn spool(body: Body, path: &std::path::Path, max_bytes: u64) -> Result<(),
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ApiError::invalid("upload_interrupted", e.to_string()))?;
         written += chunk.len() as u64;
+        disk.check()?;
         if written > max_bytes {
             return Err(ApiError::too_large(
                 "file_too_large",

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use super::records::read;
 use super::{Converter, Format, ImportReport, Mapping, Status};
+use crate::disk::{Disk, IMPORT_PAUSE};
 use crate::error::StoreError;
 use crate::health::{Health, panic_message};
 use crate::store::Store;
@@ -110,6 +111,7 @@ struct Run {
     dedup_window_ms: i64,
     /// The most bytes a file is read for, after decompression.
     max_bytes: u64,
+    disk: Arc<Disk>,
     open: Arc<OpenImports>,
 }
 
@@ -124,6 +126,7 @@ impl Importer {
         writer: Arc<LogWriter>,
         dedup_window: Duration,
         max_bytes: u64,
+        disk: Arc<Disk>,
         health: &Arc<Health>,
     ) -> Result<Self, StoreError> {
         let interrupted: Vec<String> = store
@@ -143,6 +146,7 @@ impl Importer {
             writer,
             dedup_window_ms: i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX),
             max_bytes,
+            disk,
             open: open.clone(),
         };
         let worker = Worker::start("importer", health, interrupted, move |rx| run.run(rx))?;
@@ -282,6 +286,13 @@ impl Run {
     fn commit(&self, converter: &mut Converter<'_>, job: &mut ImportJob) -> Result<(), StoreError> {
         let events = converter.drain();
         let count = events.len() as u64;
+        // A nearly full disk pauses the import; it goes on once space is back.
+        while count > 0 && self.disk.low() {
+            if self.writer.is_closed() {
+                return Err(StoreError::ShuttingDown);
+            }
+            std::thread::sleep(IMPORT_PAUSE);
+        }
         if count > 0 {
             self.writer.append_blocking(Append {
                 source: Arc::from(job.report.source.as_str()),
