@@ -25,6 +25,11 @@ pub const DEFAULT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 /// The free-space watermark of the data directory's disk, by default: 512 MiB.
 pub const DEFAULT_MIN_FREE_DISK: u64 = 512 << 20;
 
+/// The push services browsers subscribe with: Chrome's (FCM), Firefox's (Mozilla
+/// autopush), Safari's (Apple) and Edge's (Windows push notification services).
+pub const DEFAULT_PUSH_SERVICE_HOSTS: &str =
+    "fcm.googleapis.com,updates.push.services.mozilla.com,.push.apple.com,.notify.windows.com";
+
 /// The most connections open at once, by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1_024;
 
@@ -125,6 +130,26 @@ pub struct Config {
     /// (for example `127.0.0.1:9787`); on the main address it needs the admin token.
     #[arg(long, env = "KITH_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Let destinations and push endpoints use private, loopback and link-local
+    /// addresses (and push endpoints plain http): for tests and closed networks. Off,
+    /// the collector calls only public addresses, checked after DNS resolution. The
+    /// variable takes 1/0, true/false, yes/no, on/off.
+    #[arg(long, env = "KITH_ALLOW_PRIVATE_DESTINATIONS", value_parser = clap::builder::BoolishValueParser::new(),
+          num_args = 0, default_missing_value = "true", default_value = "false")]
+    pub allow_private_destinations: bool,
+
+    /// Push service hosts whose endpoints are taken from events whatever address they
+    /// resolve to (comma separated; a leading `.` takes every subdomain). Other
+    /// endpoints must be https to public addresses.
+    #[arg(long, env = "KITH_PUSH_SERVICE_HOSTS", value_delimiter = ',',
+          default_value = DEFAULT_PUSH_SERVICE_HOSTS)]
+    pub push_service_hosts: Vec<String>,
+
+    /// The directory audience exports are written under (a destination's `directory`
+    /// is relative to it, or inside it); by default `exports` in the data directory.
+    #[arg(long, env = "KITH_EXPORT_DIR")]
+    pub export_dir: Option<PathBuf>,
 
     /// Test-only fault injection, comma separated: `stage_panic:NAME` makes a pipeline
     /// stage panic on `track` events named NAME; `thread_panic:THREAD` makes a
@@ -239,6 +264,12 @@ impl Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_live_tails: DEFAULT_MAX_LIVE_TAILS,
             metrics_listen: None,
+            allow_private_destinations: false,
+            push_service_hosts: DEFAULT_PUSH_SERVICE_HOSTS
+                .split(',')
+                .map(str::to_owned)
+                .collect(),
+            export_dir: None,
             faults: Vec::new(),
             file: None,
         }

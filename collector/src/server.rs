@@ -285,6 +285,19 @@ impl Collector {
                 identity.clone(),
                 membership.clone(),
                 writer.clone(),
+                crate::activation::outbound::Outbound {
+                    allow_private: config.allow_private_destinations,
+                    push_hosts: config
+                        .push_service_hosts
+                        .iter()
+                        .map(|h| h.trim().to_ascii_lowercase())
+                        .filter(|h| !h.is_empty())
+                        .collect(),
+                },
+                config
+                    .export_dir
+                    .clone()
+                    .unwrap_or_else(|| config.data_dir.join("exports")),
                 &health,
             )?),
             _ => None,

@@ -429,10 +429,21 @@ fn a_segment_is_exported_as_hashed_customer_match_csv_to_a_file_and_by_upload() 
         {"type": "identify", "userId": "cy", "traits": {"plan": "pro"}},
         {"type": "identify", "userId": "dee", "traits": {"plan": "free", "email": "dee@example.com"}}
     ]));
-    let dir = tempfile::tempdir().expect("tempdir");
+    for outside in ["/etc", "../../elsewhere", "ok/../../.."] {
+        let refused = h.admin_send(
+            Method::POST,
+            "/v1/destinations",
+            &json!({"type": "audience_export", "directory": outside}),
+        );
+        assert_eq!(
+            error_code(refused),
+            (400, "refused_destination".to_owned()),
+            "{outside}"
+        );
+    }
     let destination = h.create(
         "/v1/destinations",
-        json!({"type": "audience_export", "directory": dir.path(), "url": receiver.url(),
+        json!({"type": "audience_export", "directory": "audiences", "url": receiver.url(),
                "secret": SECRET}),
     );
     let id = destination["id"].as_str().expect("id");
@@ -447,7 +458,12 @@ fn a_segment_is_exported_as_hashed_customer_match_csv_to_a_file_and_by_upload() 
     assert_eq!(report["rows"], 2, "{report}");
     assert_eq!(report["skipped_without_email_or_phone"], 1);
     assert_eq!(report["uploaded_status"], 200);
-    let file = std::fs::read_to_string(report["file"].as_str().expect("file")).expect("csv");
+    let path = report["file"].as_str().expect("file");
+    assert!(
+        std::path::Path::new(path).starts_with(h.dir.path().join("exports/audiences")),
+        "{path}: under the export root"
+    );
+    let file = std::fs::read_to_string(path).expect("csv");
     let mut lines: Vec<&str> = file.lines().collect();
     assert_eq!(
         lines.remove(0),

@@ -3,8 +3,11 @@
 //! stop it, exhaust it, make it leak or make it lie. Each test shows the attack
 //! refused or contained and the collector still serving good events.
 
+mod common;
+
 use std::path::Path;
 use std::process::Child;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::blocking::{Client, Response};
@@ -622,4 +625,249 @@ fn a_nearly_full_disk_answers_503_and_recovers_when_space_returns() {
             "{id}"
         );
     }
+}
+
+/// A local HTTP server that records the path and headers of every request it gets and
+/// answers `status`, with a `Location` when one is given.
+struct Spy {
+    addr: std::net::SocketAddr,
+    hits: Arc<Mutex<Vec<Hit>>>,
+}
+
+/// A request a [`Spy`] got: its path and header names.
+type Hit = (String, Vec<String>);
+
+impl Spy {
+    fn start(status: u16, location: Option<String>) -> Self {
+        Self::slow(status, location, Duration::ZERO)
+    }
+
+    fn slow(status: u16, location: Option<String>, delay: Duration) -> Self {
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let seen = hits.clone();
+        let addr = common::serve(move |_| {
+            axum::Router::new().fallback(move |request: axum::extract::Request| {
+                let seen = seen.clone();
+                let location = location.clone();
+                async move {
+                    let headers = request
+                        .headers()
+                        .keys()
+                        .map(|k| k.as_str().to_owned())
+                        .collect();
+                    seen.lock()
+                        .expect("hits")
+                        .push((request.uri().path().to_owned(), headers));
+                    tokio::time::sleep(delay).await;
+                    let mut response = axum::http::Response::builder().status(status);
+                    if let Some(location) = location {
+                        response = response.header("location", location);
+                    }
+                    response.body(axum::body::Body::empty()).expect("response")
+                }
+            })
+        });
+        Spy { addr, hits }
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().expect("hits").clone()
+    }
+}
+
+fn create(c: &Collector, path: &str, body: Value) -> Response {
+    c.admin(reqwest::Method::POST, path, Some(&body))
+}
+
+/// A VAPID key, as the API takes it (a base64url P-256 scalar).
+fn vapid_key() -> String {
+    use base64::Engine as _;
+    let key = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.to_bytes())
+}
+
+#[test]
+fn outbound_requests_to_private_addresses_are_refused() {
+    let c = Collector::start(&["--identity"]);
+    let spy = Spy::start(200, None);
+    let port = spy.addr.port();
+    for url in [
+        format!("http://127.0.0.1:{port}/hook"),
+        "http://10.0.0.1/hook".to_owned(),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        format!("http://[::1]:{port}/hook"),
+        format!("http://localhost:{port}/hook"),
+        format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+    ] {
+        let refused = create(
+            &c,
+            "/v1/destinations",
+            json!({"type": "webhook", "url": url, "secret": "s"}),
+        );
+        assert_eq!(
+            status_and_code(refused),
+            (400, "refused_destination".to_owned()),
+            "{url}"
+        );
+    }
+    let apns_key = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+    let pem =
+        p256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&apns_key, Default::default()).expect("pem");
+    let refused = create(
+        &c,
+        "/v1/destinations",
+        json!({"type": "apns", "team_id": "T", "key_id": "K", "private_key": pem.as_str(),
+               "topic": "app", "base_url": format!("https://127.0.0.1:{port}")}),
+    );
+    assert_eq!(
+        status_and_code(refused),
+        (400, "refused_destination".to_owned())
+    );
+
+    // Web Push subscriptions arrive in public events: one pointing inside is never kept.
+    let destination: Value = create(
+        &c,
+        "/v1/destinations",
+        json!({"type": "web_push", "vapid_private_key": vapid_key(), "subject": "mailto:ops@example.com"}),
+    )
+    .json()
+    .expect("json");
+    let created = create(
+        &c,
+        "/v1/segments",
+        json!({"key": "all", "definition": "has user_id"}),
+    );
+    assert_eq!(created.status(), 201);
+    let campaign = create(
+        &c,
+        "/v1/campaigns",
+        json!({"name": "hi", "trigger": {"type": "segment_entered", "segment": "all"},
+               "destination": destination["id"], "template": {"title": "Hi"}}),
+    );
+    assert_eq!(campaign.status(), 201);
+    let endpoints = [
+        format!("http://127.0.0.1:{port}/internal-service/admin/delete"),
+        format!("https://127.0.0.1:{port}/internal"),
+        "https://169.254.169.254/latest/meta-data/".to_owned(),
+        "https://10.1.2.3/push".to_owned(),
+        format!("https://[::1]:{port}/push"),
+        "http://updates.example.com/push".to_owned(),
+    ];
+    let events: Vec<Value> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, endpoint)| {
+            let subscription = json!({"endpoint": endpoint, "keys": {"p256dh": "x", "auth": "y"}});
+            json!({"type": "identify", "userId": format!("victim-{i}"),
+                   "context": {"device": {"token": subscription.to_string(), "tokenProvider": "webpush"}}})
+        })
+        .collect();
+    assert_eq!(
+        c.post("/v1/batch", &json!({ "batch": events })).status(),
+        200
+    );
+    c.wait_processed();
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let profile = c.get(&format!("/v1/profiles?identifier=user_id:victim-{i}"));
+        let id = profile["id"].as_str().expect("id");
+        let tokens = c.get(&format!("/v1/profiles/{id}/push-tokens"));
+        assert_eq!(tokens["tokens"], json!([]), "{endpoint}");
+    }
+    let skipped = eventually("the deliveries to be skipped", || {
+        let deliveries = c.get("/v1/deliveries?state=skipped");
+        (deliveries["deliveries"].as_array()?.len() == endpoints.len()).then_some(deliveries)
+    });
+    assert!(
+        skipped["deliveries"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no push token"))
+    );
+    assert_eq!(spy.hits(), Vec::new(), "nothing reached the local server");
+}
+
+#[test]
+fn signed_requests_do_not_follow_redirects() {
+    let c = Collector::start(&["--identity", "--allow-private-destinations"]);
+    let target = Spy::start(200, None);
+    let redirector = Spy::start(307, Some(format!("http://{}/stolen", target.addr)));
+    let destination: Value = create(
+        &c,
+        "/v1/destinations",
+        json!({"type": "webhook", "url": format!("http://{}/hook", redirector.addr), "secret": "s"}),
+    )
+    .json()
+    .expect("json");
+    create(
+        &c,
+        "/v1/segments",
+        json!({"key": "all", "definition": "has user_id"}),
+    );
+    let campaign = create(
+        &c,
+        "/v1/campaigns",
+        json!({"name": "hi", "trigger": {"type": "segment_entered", "segment": "all"},
+               "destination": destination["id"], "template": {"title": "Hi"}}),
+    );
+    assert_eq!(campaign.status(), 201);
+    assert_eq!(
+        c.post("/v1/identify", &json!({"userId": "u1"})).status(),
+        200
+    );
+    let dead = eventually("the delivery to fail", || {
+        let deliveries = c.get("/v1/deliveries?state=dead");
+        deliveries["deliveries"].as_array()?.first().cloned()
+    });
+    assert!(
+        dead["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("307")),
+        "{dead}"
+    );
+    let hits = redirector.hits();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert!(hits[0].1.iter().any(|h| h == "kith-signature"));
+    assert_eq!(target.hits(), Vec::new(), "the redirect was not followed");
+}
+
+#[test]
+fn a_slow_destination_does_not_hold_up_the_others() {
+    let c = Collector::start(&["--identity", "--allow-private-destinations"]);
+    let slow = Spy::slow(200, None, Duration::from_secs(3));
+    let fast = Spy::start(200, None);
+    create(
+        &c,
+        "/v1/segments",
+        json!({"key": "all", "definition": "has user_id"}),
+    );
+    for spy in [&slow, &fast] {
+        let destination: Value = create(
+            &c,
+            "/v1/destinations",
+            json!({"type": "webhook", "url": format!("http://{}/hook", spy.addr), "secret": "s"}),
+        )
+        .json()
+        .expect("json");
+        let campaign = create(
+            &c,
+            "/v1/campaigns",
+            json!({"name": "hi", "trigger": {"type": "segment_entered", "segment": "all"},
+                   "destination": destination["id"], "template": {"title": "Hi"}}),
+        );
+        assert_eq!(campaign.status(), 201);
+    }
+    let users: Vec<Value> = (0..10)
+        .map(|i| json!({"type": "identify", "userId": format!("u{i}")}))
+        .collect();
+    assert_eq!(
+        c.post("/v1/batch", &json!({ "batch": users })).status(),
+        200
+    );
+    eventually("every delivery to the fast destination", || {
+        (fast.hits().len() == 10).then_some(())
+    });
+    assert!(
+        slow.hits().len() <= 2,
+        "at most two requests to the slow destination in flight: {}",
+        slow.hits().len()
+    );
 }

@@ -9,7 +9,10 @@
 //!   shows its `vapid_public_key` (the `applicationServerKey` browsers subscribe with).
 //!   `audience_export`: `directory` and/or `url` (with `secret` to sign uploads);
 //!   `POST /v1/destinations/{id}/export` (`{"segment"}`) exports the segment's members
-//!   there (see [`super::audience`]).
+//!   there (see [`super::audience`]). Every URL must reach a public address (checked
+//!   after DNS resolution) unless the collector runs with
+//!   `--allow-private-destinations`, and an export `directory` lies under the export
+//!   root: otherwise 400 `refused_destination`.
 //! - `GET /v1/campaigns`, `POST /v1/campaigns` (`{"name", "trigger": {"type":
 //!   "segment_entered" | "segment_exited", "segment"}, "destination", "template",
 //!   "frequency_cap"?: {"max", "per_secs"}, "consent_purpose"?}`),
@@ -251,7 +254,13 @@ async fn create_destination(
     let destination = parse_destination(&body)?;
     ApiError::unless_reads_back(&destination, "destination")?;
     let shown = destination.redacted();
-    blocking(move || activation.put_destination(&destination.id, Some(&destination))).await?;
+    blocking(move || -> Result<(), ApiError> {
+        activation
+            .check_destination(&destination)
+            .map_err(|why| ApiError::invalid("refused_destination", why))?;
+        Ok(activation.put_destination(&destination.id, Some(&destination))?)
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(shown)))
 }
 

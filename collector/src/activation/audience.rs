@@ -124,11 +124,13 @@ pub fn write_file(dir: &Path, segment: &str, csv: &str) -> std::io::Result<PathB
 /// When the request fails or the server does not answer 2xx.
 pub fn upload(
     http: &reqwest::blocking::Client,
+    outbound: &super::outbound::Outbound,
     url: &str,
     secret: Option<&str>,
     segment: &str,
     csv: String,
 ) -> Result<u16, String> {
+    let url = outbound.check_url(url)?;
     let mut request = http
         .post(url)
         .header("content-type", "text/csv; charset=utf-8")

@@ -35,10 +35,12 @@
 
 pub mod api;
 pub mod audience;
+pub mod outbound;
 pub mod push;
 pub mod webhook;
 
 use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -48,6 +50,7 @@ use kith_identity::profile::Profile;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use self::outbound::Outbound;
 use crate::error::StoreError;
 use crate::identity::Identity;
 use crate::segments::Membership;
@@ -62,9 +65,13 @@ const CHANGES_PER_PASS: usize = 500;
 const SENDS_PER_PASS: usize = 200;
 /// Deliveries in flight at once in a pass.
 const SENDERS: usize = 8;
+/// Deliveries to one destination in flight at once.
+const SENDERS_PER_DESTINATION: usize = 2;
 /// How often the thread looks for new changes and due deliveries (a few sled reads
 /// when there is nothing to do).
 const POLL: Duration = Duration::from_millis(5);
+/// The most push tokens a profile keeps per provider; a newer one replaces the oldest.
+pub const MAX_TOKENS_PER_PROVIDER: usize = 10;
 /// The source recorded on the timeline events activation writes.
 const SOURCE: &str = "kith-activation";
 
@@ -167,6 +174,26 @@ impl Provider {
 }
 
 impl Destination {
+    /// The URLs the destination sends to (besides push endpoints from events).
+    pub fn urls(&self) -> Vec<&str> {
+        match &self.provider {
+            Provider::Webhook { url, .. } => vec![url.as_str()],
+            Provider::Fcm {
+                service_account,
+                base_url,
+            } => [
+                Some(service_account.token_uri.as_str()),
+                base_url.as_deref(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            Provider::Apns { base_url, .. } => base_url.as_deref().into_iter().collect(),
+            Provider::AudienceExport { url, .. } => url.as_deref().into_iter().collect(),
+            Provider::WebPush { .. } => Vec::new(),
+        }
+    }
+
     /// The destination as the API shows it: secrets replaced by a mark.
     pub fn redacted(&self) -> Value {
         let mut value = serde_json::to_value(self).unwrap_or(Value::Null);
@@ -528,6 +555,10 @@ pub struct Activation {
     /// HTTP clients, built on first use (never inside the async runtime): the shared
     /// one under `""`, and an HTTP/2 one per APNs destination.
     clients: Mutex<BTreeMap<String, reqwest::blocking::Client>>,
+    /// Which addresses outbound requests may go to.
+    outbound: Outbound,
+    /// Where audience exports are written.
+    export_root: PathBuf,
     worker: Mutex<Option<Worker<()>>>,
 }
 
@@ -542,6 +573,8 @@ impl Activation {
         identity: Arc<Identity>,
         membership: Arc<Membership>,
         writer: Arc<LogWriter>,
+        outbound: Outbound,
+        export_root: PathBuf,
         health: &Arc<crate::health::Health>,
     ) -> Result<Arc<Self>, StoreError> {
         let activation = Arc::new(Activation {
@@ -553,6 +586,8 @@ impl Activation {
             paced: Mutex::new(BTreeMap::new()),
             credentials: push::Credentials::default(),
             clients: Mutex::new(BTreeMap::new()),
+            outbound,
+            export_root,
             worker: Mutex::new(None),
         });
         let engine = Arc::downgrade(&activation);
@@ -580,6 +615,57 @@ impl Activation {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+    }
+
+    /// Checks where a new destination would send: every URL to a public address
+    /// (resolved now; unless private addresses are allowed) and an export directory
+    /// under the export root.
+    ///
+    /// # Errors
+    ///
+    /// A sentence saying what is refused.
+    pub fn check_destination(&self, destination: &Destination) -> Result<(), String> {
+        for url in destination.urls() {
+            self.outbound.check_url_now(url)?;
+        }
+        if let Provider::AudienceExport {
+            directory: Some(directory),
+            ..
+        } = &destination.provider
+        {
+            self.export_dir(directory)?;
+        }
+        Ok(())
+    }
+
+    /// Where an export destination's `directory` is: relative to the export root, or
+    /// an absolute path inside it; never outside (no `..`).
+    ///
+    /// # Errors
+    ///
+    /// A directory outside the export root.
+    pub fn export_dir(&self, directory: &str) -> Result<PathBuf, String> {
+        let path = Path::new(directory);
+        let outside = || {
+            format!(
+                "the export directory {directory:?} is not inside the export root {} (--export-dir)",
+                self.export_root.display()
+            )
+        };
+        if path
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)))
+        {
+            return Err(outside());
+        }
+        if path.is_absolute() {
+            return if path.starts_with(&self.export_root) {
+                Ok(path.to_owned())
+            } else {
+                Err(outside())
+            };
+        }
+        Ok(self.export_root.join(path))
     }
 
     /// The destinations.
@@ -753,7 +839,7 @@ impl Activation {
             .map_err(|e| e.to_string())?;
         let file = match directory {
             Some(dir) => Some(
-                audience::write_file(std::path::Path::new(dir), segment, &csv)
+                audience::write_file(&self.export_dir(dir)?, segment, &csv)
                     .map_err(|e| format!("writing the export into {dir}: {e}"))?,
             ),
             None => None,
@@ -761,6 +847,7 @@ impl Activation {
         let status = match url {
             Some(url) => Some(audience::upload(
                 &self.http()?,
+                &self.outbound,
                 url,
                 secret.as_deref(),
                 segment,
@@ -1011,8 +1098,10 @@ impl Activation {
         Ok(more)
     }
 
-    /// Attempts the deliveries on up to [`SENDERS`] threads at once (each taking a run
-    /// of them in order; pacing is shared); the attempts, in the deliveries' order.
+    /// Attempts the deliveries on up to [`SENDERS`] threads at once, at most
+    /// [`SENDERS_PER_DESTINATION`] of them on one destination, so that a slow
+    /// destination holds two threads while the others go on; pacing is shared. The
+    /// attempts, in the deliveries' order.
     fn attempt_all(
         &self,
         loaded: &[(Vec<u8>, u64, Delivery, Option<Destination>)],
@@ -1023,33 +1112,64 @@ impl Activation {
                     None => Attempt::Fatal(format!("no destination {:?}", delivery.destination)),
                     Some(destination) => {
                         self.pace(destination);
-                        self.attempt(destination, delivery)
+                        let tried = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            self.attempt(destination, delivery)
+                        }));
+                        tried.unwrap_or_else(|panic| {
+                            Attempt::Retry(format!(
+                                "sending panicked: {}",
+                                crate::health::panic_message(panic.as_ref())
+                            ))
+                        })
                     }
                 }
             };
         if loaded.len() <= 1 {
             return loaded.iter().map(attempt).collect();
         }
-        let run = loaded.len().div_ceil(SENDERS);
+        // Indexes not yet taken, and attempts in flight per destination.
+        let queue = Mutex::new((
+            (0..loaded.len()).collect::<std::collections::VecDeque<usize>>(),
+            BTreeMap::<&str, usize>::new(),
+        ));
+        let results: Mutex<Vec<Option<Attempt>>> =
+            Mutex::new((0..loaded.len()).map(|_| None).collect());
+        let destination_of = |i: usize| loaded[i].2.destination.as_str();
         std::thread::scope(|scope| {
-            let workers: Vec<_> = loaded
-                .chunks(run)
-                .map(|chunk| {
-                    let worker = scope.spawn(move || chunk.iter().map(attempt).collect::<Vec<_>>());
-                    (chunk.len(), worker)
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|(len, worker)| {
-                    worker.join().unwrap_or_else(|_| {
-                        (0..len)
-                            .map(|_| Attempt::Retry("the sending thread panicked".to_owned()))
-                            .collect()
-                    })
-                })
-                .collect()
-        })
+            for _ in 0..SENDERS.min(loaded.len()) {
+                scope.spawn(|| {
+                    loop {
+                        let next = {
+                            let mut guard = queue.lock().unwrap_or_else(PoisonError::into_inner);
+                            let (waiting, busy) = &mut *guard;
+                            let position = waiting.iter().position(|&i| {
+                                busy.get(destination_of(i)).copied().unwrap_or(0)
+                                    < SENDERS_PER_DESTINATION
+                            });
+                            // Nothing this thread may take: the busy threads finish the rest.
+                            let Some(i) = position.and_then(|p| waiting.remove(p)) else {
+                                break;
+                            };
+                            *busy.entry(destination_of(i)).or_default() += 1;
+                            i
+                        };
+                        let outcome = attempt(&loaded[next]);
+                        results.lock().unwrap_or_else(PoisonError::into_inner)[next] =
+                            Some(outcome);
+                        let mut guard = queue.lock().unwrap_or_else(PoisonError::into_inner);
+                        if let Some(n) = guard.1.get_mut(destination_of(next)) {
+                            *n -= 1;
+                        }
+                    }
+                });
+            }
+        });
+        results
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Attempt::Retry("not attempted in this pass".to_owned())))
+            .collect()
     }
 
     fn remove_queued(&self, queued: Vec<u8>) -> Result<(), StoreError> {
@@ -1078,6 +1198,12 @@ impl Activation {
 
     fn attempt(&self, destination: &Destination, delivery: &Delivery) -> Attempt {
         let target = delivery.target.as_deref().unwrap_or_default();
+        // Checked on every attempt: the rules may be stricter than when it was made.
+        for url in destination.urls() {
+            if let Err(why) = self.outbound.check_url(url) {
+                return Attempt::Fatal(why);
+            }
+        }
         let notification = push::Notification::of(&delivery.message);
         let http = match self.http() {
             Ok(http) => http,
@@ -1133,6 +1259,7 @@ impl Activation {
                 subject,
             } => push::web_push_send(
                 &http,
+                &self.outbound,
                 &self.credentials,
                 &destination.id,
                 vapid_private_key,
@@ -1160,7 +1287,7 @@ impl Activation {
         if let Some(client) = clients.get(name) {
             return Ok(client.clone());
         }
-        let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10));
+        let mut builder = self.outbound.client();
         if http2 {
             builder = builder.http2_prior_knowledge();
         }
@@ -1415,7 +1542,7 @@ impl crate::pipeline::Stage for Tokens {
             && let Some(token) = device
                 .get("token")
                 .and_then(Value::as_str)
-                .filter(|t| !t.is_empty() && t.len() <= 4_096)
+                .filter(|t| !t.is_empty() && t.len() <= 4_096 && !t.contains('\0'))
         {
             let provider = match device.get("tokenProvider").and_then(Value::as_str) {
                 Some(provider) => provider.to_owned(),
@@ -1428,6 +1555,14 @@ impl crate::pipeline::Stage for Tokens {
                 }
                 None => "fcm".to_owned(),
             };
+            if provider == "webpush"
+                && let Err(why) = serde_json::from_str::<push::Subscription>(token)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| self.activation.outbound.check_push_endpoint(&s.endpoint))
+            {
+                tracing::warn!(seq = event.seq, reason = %why, "a Web Push subscription is refused");
+                return Ok(crate::pipeline::Outcome::Continue);
+            }
             self.seen
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -1443,7 +1578,40 @@ impl crate::pipeline::Stage for Tokens {
     }
 
     fn end_chunk(&self) -> Result<(), StoreError> {
-        let seen = std::mem::take(&mut *self.seen.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut seen =
+            std::mem::take(&mut *self.seen.lock().unwrap_or_else(PoisonError::into_inner));
+        // Each (profile, provider) keeps its newest tokens, by the event that brought them.
+        let owners: std::collections::BTreeSet<Vec<u8>> = seen
+            .keys()
+            .filter_map(|k| {
+                let end = k.iter().rposition(|b| *b == 0)?;
+                Some(k[..=end].to_vec())
+            })
+            .collect();
+        for owner in owners {
+            let mut held: BTreeMap<Vec<u8>, Vec<u8>> = self
+                .activation
+                .store
+                .scan(Space::Activation, &owner)?
+                .into_iter()
+                .collect();
+            for (k, v) in seen.range(owner.clone()..) {
+                if !k.starts_with(&owner) {
+                    break;
+                }
+                if let Some(v) = v {
+                    held.insert(k.clone(), v.clone());
+                }
+            }
+            if held.len() > MAX_TOKENS_PER_PROVIDER {
+                let mut by_age: Vec<(Vec<u8>, Vec<u8>)> = held.into_iter().collect();
+                by_age.sort_by(|a, b| a.1.cmp(&b.1));
+                let extra = by_age.len() - MAX_TOKENS_PER_PROVIDER;
+                for (k, _) in by_age.into_iter().take(extra) {
+                    seen.insert(k, None);
+                }
+            }
+        }
         self.activation.store.apply(Space::Activation, seen)
     }
 }

@@ -36,6 +36,7 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use super::Attempt;
+use super::outbound::{Outbound, answer_json};
 
 /// FCM's public endpoint.
 pub const FCM_BASE: &str = "https://fcm.googleapis.com";
@@ -196,7 +197,7 @@ fn fcm_exchange(
         .send()
         .map_err(|e| Attempt::Retry(format!("OAuth token exchange failed: {e}")))?;
     let status = answer.status();
-    let body: Value = answer.json().unwrap_or(Value::Null);
+    let body = answer_json(answer);
     if !status.is_success() {
         let why = format!("OAuth token exchange answered {status}: {body}");
         return Err(if status.is_server_error() {
@@ -263,7 +264,7 @@ pub fn fcm_send(
     if status.is_success() {
         return Attempt::Delivered;
     }
-    let body: Value = response.json().unwrap_or(Value::Null);
+    let body = answer_json(response);
     let codes: Vec<&str> = body["error"]["details"]
         .as_array()
         .into_iter()
@@ -355,7 +356,7 @@ pub fn apns_send(
     if status.is_success() {
         return Attempt::Delivered;
     }
-    let answer: Value = response.json().unwrap_or(Value::Null);
+    let answer = answer_json(response);
     let reason = answer["reason"].as_str().unwrap_or_default();
     let why = format!("APNs answered {status}: {answer}");
     match (status.as_u16(), reason) {
@@ -463,8 +464,10 @@ pub fn vapid_public(key: &p256::ecdsa::SigningKey) -> String {
 }
 
 /// Sends one Web Push message.
+#[allow(clippy::too_many_arguments)]
 pub fn web_push_send(
     http: &reqwest::blocking::Client,
+    outbound: &Outbound,
     credentials: &Credentials,
     destination: &str,
     vapid: &str,
@@ -476,8 +479,9 @@ pub fn web_push_send(
         Ok(s) => s,
         Err(e) => return Attempt::Gone(format!("not a push subscription: {e}")),
     };
-    let Ok(endpoint) = reqwest::Url::parse(&subscription.endpoint) else {
-        return Attempt::Gone(format!("bad endpoint {:?}", subscription.endpoint));
+    let endpoint = match outbound.check_push_endpoint(&subscription.endpoint) {
+        Ok(endpoint) => endpoint,
+        Err(why) => return Attempt::Gone(why),
     };
     let body = match encrypt(&subscription, message.to_string().as_bytes()) {
         Ok(body) => body,
