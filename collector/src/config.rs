@@ -151,6 +151,17 @@ pub struct Config {
     #[arg(long, env = "KITH_EXPORT_DIR")]
     pub export_dir: Option<PathBuf>,
 
+    /// The file holding the master key that seals stored secrets (64 hex digits),
+    /// created with mode 0600 on first start when missing; by default `secret.key` in
+    /// the data directory. `KITH_SECRET_KEY` (environment only, never a flag) gives the
+    /// key itself instead.
+    #[arg(long, env = "KITH_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
+
+    /// The master key itself, from `KITH_SECRET_KEY` (not a flag: flags show in `ps`).
+    #[arg(skip = std::env::var("KITH_SECRET_KEY").ok())]
+    pub secret_key: Option<String>,
+
     /// Test-only fault injection, comma separated: `stage_panic:NAME` makes a pipeline
     /// stage panic on `track` events named NAME; `thread_panic:THREAD` makes a
     /// background thread (`pipeline`, `log-writer`, `segments`, `activation`,
@@ -270,6 +281,8 @@ impl Config {
                 .map(str::to_owned)
                 .collect(),
             export_dir: None,
+            secret_key_file: None,
+            secret_key: None,
             faults: Vec::new(),
             file: None,
         }

@@ -25,6 +25,7 @@ pub mod pipeline;
 pub mod processing;
 pub mod profiles;
 pub mod ratelimit;
+pub mod secrets;
 pub mod segments;
 pub mod server;
 pub mod stats;

@@ -59,8 +59,12 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
-    if config.admin_token.is_none() {
-        println!("admin token: {}", collector.admin_token.value);
+    // Printed once, when generated: it is stored sealed and never shown again.
+    if collector.admin_token.generated {
+        println!(
+            "admin token: {} (generated now and shown only once: keep it)",
+            collector.admin_token.value
+        );
     }
     if let Some(addr) = collector.metrics_addr() {
         println!("metrics on http://{addr}/metrics");

@@ -31,6 +31,7 @@ use crate::imports::watch::Watchers;
 use crate::pipeline::{Deduplicate, PanicOn, Pipeline, Stage, Wake};
 use crate::processing::{DEFAULT_RULES, Process, Rules};
 use crate::ratelimit::RateLimiter;
+use crate::secrets::MasterKey;
 use crate::segments::{self, Membership, Segment};
 use crate::stats::Stats;
 use crate::store::Store;
@@ -160,6 +161,7 @@ fn generate_secret(prefix: &str) -> String {
 
 fn credential(
     store: &Store,
+    secrets: &MasterKey,
     given: Option<String>,
     name: &str,
     prefix: &str,
@@ -170,7 +172,7 @@ fn credential(
             generated: false,
         });
     }
-    let (value, generated) = store.credential(name, || generate_secret(prefix))?;
+    let (value, generated) = store.credential(name, secrets, || generate_secret(prefix))?;
     Ok(Credential { value, generated })
 }
 
@@ -207,6 +209,13 @@ impl Collector {
     /// When the store cannot be opened or the threads cannot start.
     pub fn open(config: &Config) -> Result<Self, StoreError> {
         let store = Arc::new(Store::open(&config.data_dir, config.cache_bytes)?);
+        let secrets = Arc::new(MasterKey::load(
+            config.secret_key.as_deref(),
+            &config
+                .secret_key_file
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("secret.key")),
+        )?);
         let file = config.file.clone().unwrap_or_default();
         let mut given: Vec<String> = config
             .write_keys
@@ -217,7 +226,7 @@ impl Collector {
         given.sort();
         given.dedup();
         let write_keys = if given.is_empty() {
-            vec![credential(&store, None, "write_key", "wk")?]
+            vec![credential(&store, &secrets, None, "write_key", "wk")?]
         } else {
             given
                 .into_iter()
@@ -228,7 +237,13 @@ impl Collector {
                 .collect()
         };
         let rules = Arc::new(load_rules(&store, &file)?);
-        let admin_token = credential(&store, config.admin_token.clone(), "admin_token", "adm")?;
+        let admin_token = credential(
+            &store,
+            &secrets,
+            config.admin_token.clone(),
+            "admin_token",
+            "adm",
+        )?;
         let (ingest, pipeline_counters) = store.counters()?;
         let stats = Arc::new(Stats::restore(ingest, pipeline_counters));
         let health = Arc::new(Health::default());
@@ -285,19 +300,22 @@ impl Collector {
                 identity.clone(),
                 membership.clone(),
                 writer.clone(),
-                crate::activation::outbound::Outbound {
-                    allow_private: config.allow_private_destinations,
-                    push_hosts: config
-                        .push_service_hosts
-                        .iter()
-                        .map(|h| h.trim().to_ascii_lowercase())
-                        .filter(|h| !h.is_empty())
-                        .collect(),
+                crate::activation::Settings {
+                    outbound: crate::activation::outbound::Outbound {
+                        allow_private: config.allow_private_destinations,
+                        push_hosts: config
+                            .push_service_hosts
+                            .iter()
+                            .map(|h| h.trim().to_ascii_lowercase())
+                            .filter(|h| !h.is_empty())
+                            .collect(),
+                    },
+                    export_root: config
+                        .export_dir
+                        .clone()
+                        .unwrap_or_else(|| config.data_dir.join("exports")),
+                    secrets: secrets.clone(),
                 },
-                config
-                    .export_dir
-                    .clone()
-                    .unwrap_or_else(|| config.data_dir.join("exports")),
                 &health,
             )?),
             _ => None,

@@ -32,6 +32,7 @@ use sled::{Batch, IVec, Tree};
 
 use crate::error::StoreError;
 use crate::processing::SourceRules;
+use crate::secrets::MasterKey;
 use crate::stats::{IngestCounters, PipelineCounters};
 
 const CHECKPOINT: &[u8] = b"checkpoint";
@@ -185,6 +186,12 @@ impl Store {
     /// When sled cannot open the directory (permissions, corruption, another process
     /// holding it).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Start(format!("the data directory {}: {e}", dir.display())))?;
+        // Only the collector's own user may read its data.
+        #[cfg(unix)]
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| StoreError::Start(format!("the data directory {}: {e}", dir.display())))?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -224,16 +231,23 @@ impl Store {
     pub fn credential(
         &self,
         name: &str,
+        secrets: &MasterKey,
         generate: impl FnOnce() -> String,
     ) -> Result<(String, bool), StoreError> {
         let key = format!("credential:{name}");
         if let Some(value) = self.meta.get(&key)? {
-            let value = String::from_utf8(value.to_vec())
+            let stored = String::from_utf8(value.to_vec())
                 .map_err(|_| StoreError::Corrupt(format!("{key} is not UTF-8")))?;
+            let value = secrets.open(&stored)?;
+            if !MasterKey::is_sealed(&stored) {
+                // Stored in clear by an earlier version: sealed from now on.
+                self.meta.insert(&key, secrets.seal(&value).as_bytes())?;
+                self.flush()?;
+            }
             return Ok((value, false));
         }
         let value = generate();
-        self.meta.insert(key, value.as_bytes())?;
+        self.meta.insert(key, secrets.seal(&value).as_bytes())?;
         self.flush()?;
         Ok((value, true))
     }
@@ -1195,9 +1209,14 @@ mod tests {
     #[test]
     fn credentials_are_generated_once() {
         let (_dir, store) = open();
-        let (first, generated) = store.credential("k", || "one".into()).expect("cred");
+        let secrets = MasterKey::new(&[1; 32]);
+        let (first, generated) = store
+            .credential("k", &secrets, || "one".into())
+            .expect("cred");
         assert!(generated);
-        let (again, generated) = store.credential("k", || "two".into()).expect("cred");
+        let (again, generated) = store
+            .credential("k", &secrets, || "two".into())
+            .expect("cred");
         assert_eq!(
             (first.as_str(), again.as_str(), generated),
             ("one", "one", false)

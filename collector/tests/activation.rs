@@ -610,3 +610,37 @@ fn consent_withdrawn_while_a_delivery_waits_stops_it() {
         "nothing was taken after consent was withdrawn"
     );
 }
+
+#[test]
+fn secrets_stored_in_clear_by_an_earlier_version_are_sealed_at_start() {
+    use kith_collector::store::{Space, Store, Writes, space_key};
+    let mut h = Harness::with_identity();
+    h.collector.shutdown().expect("stops");
+    let clear = json!({"id": "dst_old", "name": "old", "type": "webhook",
+                       "url": "http://127.0.0.1:9/hook", "secret": "old-clear-secret",
+                       "max_attempts": 8, "retry_base_ms": 1000,
+                       "created_at": "2026-01-01T00:00:00Z"});
+    let key = space_key(b'd', &[b"dst_old"]);
+    {
+        let store = Store::open(h.dir.path(), 1 << 20).expect("store");
+        let mut writes = Writes::new();
+        writes.insert(key.clone(), Some(clear.to_string().into_bytes()));
+        store.apply(Space::Activation, writes).expect("written");
+        store.flush().expect("flushed");
+    }
+    h.restart(|config| config.identity = true);
+    let shown: Value = h
+        .admin_get("/v1/destinations/dst_old")
+        .json()
+        .expect("json");
+    assert_eq!(shown["secret"], "(set)");
+    h.collector.shutdown().expect("stops");
+    let store = Store::open(h.dir.path(), 1 << 20).expect("store");
+    let stored = store
+        .get(Space::Activation, &key)
+        .expect("read")
+        .expect("kept");
+    let text = String::from_utf8(stored).expect("utf-8");
+    assert!(!text.contains("old-clear-secret"), "{text}");
+    assert!(text.contains("kith:sealed:v1:"), "{text}");
+}

@@ -871,3 +871,179 @@ fn a_slow_destination_does_not_hold_up_the_others() {
         slow.hits().len()
     );
 }
+
+/// Starts the real binary with no credentials given, so that it generates them; answers
+/// the child, its URL and the lines it printed before listening.
+fn spawn_generating(data: &Path, key_file: &Path) -> (Child, String, Vec<String>) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kith-collector"))
+        // Private destinations allowed: the example hosts need no DNS then.
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--identity",
+            "--allow-private-destinations",
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--secret-key-file")
+        .arg(key_file)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut printed = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        if let Some(url) = line.strip_prefix("listening on ") {
+            let url = url.to_owned();
+            std::thread::spawn(move || lines.for_each(drop));
+            return (child, url, printed);
+        }
+        printed.push(line);
+    }
+    let status = child.wait();
+    panic!("the collector exited ({status:?}): {printed:?}");
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            found.extend(files(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[test]
+fn secrets_are_sealed_at_rest_and_the_token_printed_once() {
+    const FCM_KEY: &str = include_str!("fixtures/fcm-service-account-key.pem");
+    let data = tempfile::tempdir().expect("tempdir");
+    let keys = tempfile::tempdir().expect("tempdir");
+    let key_file = keys.path().join("kith.key");
+    let (mut child, url, printed) = spawn_generating(data.path(), &key_file);
+    let value_after = |prefix: &str| {
+        printed
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no {prefix:?} in {printed:?}"))
+    };
+    let write_key = value_after("write key: ");
+    let admin_token = value_after("admin token: ");
+    let http = Client::new();
+    let create = |body: Value| {
+        let response = http
+            .post(format!("{url}/v1/destinations"))
+            .bearer_auth(&admin_token)
+            .json(&body)
+            .send()
+            .expect("sent");
+        assert_eq!(response.status(), 201, "{body}");
+        response.json::<Value>().expect("json")
+    };
+    let apns_key = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+    let apns_pem = p256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&apns_key, Default::default())
+        .expect("pem")
+        .to_string();
+    let vapid = vapid_key();
+    let account = json!({"type": "service_account", "project_id": "p", "private_key_id": "k",
+        "private_key": FCM_KEY, "client_email": "kith@p.iam.gserviceaccount.com",
+        "token_uri": "https://oauth2.googleapis.com/token"});
+    let webhook = create(
+        json!({"type": "webhook", "url": "https://hooks.example.com/x",
+                                "secret": "whsec-very-secret-value"}),
+    );
+    create(json!({"type": "fcm", "service_account": account}));
+    create(
+        json!({"type": "apns", "team_id": "T", "key_id": "K", "private_key": apns_pem,
+                  "topic": "app"}),
+    );
+    let push = create(json!({"type": "web_push", "vapid_private_key": vapid,
+                             "subject": "mailto:ops@example.com"}));
+    create(
+        json!({"type": "audience_export", "url": "https://upload.example.com/",
+                  "secret": "export-signing-secret"}),
+    );
+    assert_eq!(webhook["secret"], "(set)");
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(data.path())
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o700,
+            "the data directory is the collector's alone"
+        );
+    }
+    // The key bodies' lines, not just whole values: no piece of a secret is in clear.
+    let pem_lines = |pem: &str| -> Vec<String> {
+        pem.lines()
+            .filter(|l| !l.starts_with("-----") && l.len() > 20)
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut secrets = vec![
+        write_key.clone(),
+        admin_token.clone(),
+        "whsec-very-secret-value".to_owned(),
+        "export-signing-secret".to_owned(),
+        vapid.clone(),
+    ];
+    secrets.extend(pem_lines(FCM_KEY));
+    secrets.extend(pem_lines(&apns_pem));
+    for file in files(data.path()) {
+        let bytes = std::fs::read(&file).expect("read");
+        for secret in &secrets {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{} holds a secret in clear",
+                file.display()
+            );
+        }
+    }
+
+    // After a restart the sealed secrets open again, and the token is not printed.
+    let (mut child, url, printed) = spawn_generating(data.path(), &key_file);
+    assert!(
+        !printed.iter().any(|l| l.contains(&admin_token)),
+        "{printed:?}"
+    );
+    let shown: Value = http
+        .get(format!(
+            "{url}/v1/destinations/{}",
+            push["id"].as_str().expect("id")
+        ))
+        .bearer_auth(&admin_token)
+        .send()
+        .expect("sent")
+        .json()
+        .expect("json");
+    assert_eq!(
+        shown["vapid_public_key"], push["vapid_public_key"],
+        "{shown}"
+    );
+    let ingest = http
+        .post(format!("{url}/v1/track"))
+        .basic_auth(&write_key, Some(""))
+        .json(&json!({"event": "E", "userId": "u"}))
+        .send()
+        .expect("sent");
+    assert_eq!(ingest.status(), 200);
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+}

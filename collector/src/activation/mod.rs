@@ -53,6 +53,7 @@ use serde_json::{Map, Value, json};
 use self::outbound::Outbound;
 use crate::error::StoreError;
 use crate::identity::Identity;
+use crate::secrets::MasterKey;
 use crate::segments::Membership;
 use crate::segments::live::{Kind, MembershipChange};
 use crate::store::{Space, Store, Writes, space_key as key};
@@ -173,6 +174,14 @@ impl Provider {
     }
 }
 
+/// Where a destination's secrets are in its JSON: sealed at rest, never shown.
+const SECRET_FIELDS: [&str; 4] = [
+    "/secret",
+    "/private_key",
+    "/vapid_private_key",
+    "/service_account/private_key",
+];
+
 impl Destination {
     /// The URLs the destination sends to (besides push endpoints from events).
     pub fn urls(&self) -> Vec<&str> {
@@ -197,12 +206,7 @@ impl Destination {
     /// The destination as the API shows it: secrets replaced by a mark.
     pub fn redacted(&self) -> Value {
         let mut value = serde_json::to_value(self).unwrap_or(Value::Null);
-        for secret in [
-            "/secret",
-            "/private_key",
-            "/vapid_private_key",
-            "/service_account/private_key",
-        ] {
+        for secret in SECRET_FIELDS {
             if let Some(found) = value.pointer_mut(secret) {
                 *found = json!("(set)");
             }
@@ -539,6 +543,17 @@ fn all_json<T: for<'de> Deserialize<'de>>(store: &Store, tag: u8) -> Result<Vec<
         .collect())
 }
 
+/// Where activation may send and write, and the key its secrets are sealed with.
+#[derive(Debug)]
+pub struct Settings {
+    /// Which addresses outbound requests may go to.
+    pub outbound: Outbound,
+    /// The directory audience exports are written under.
+    pub export_root: PathBuf,
+    /// Seals and opens the destinations' secrets.
+    pub secrets: Arc<MasterKey>,
+}
+
 /// The activation engine of a collector.
 #[derive(Debug)]
 pub struct Activation {
@@ -559,6 +574,8 @@ pub struct Activation {
     outbound: Outbound,
     /// Where audience exports are written.
     export_root: PathBuf,
+    /// Seals and opens the destinations' secrets.
+    secrets: Arc<MasterKey>,
     worker: Mutex<Option<Worker<()>>>,
 }
 
@@ -573,10 +590,14 @@ impl Activation {
         identity: Arc<Identity>,
         membership: Arc<Membership>,
         writer: Arc<LogWriter>,
-        outbound: Outbound,
-        export_root: PathBuf,
+        settings: Settings,
         health: &Arc<crate::health::Health>,
     ) -> Result<Arc<Self>, StoreError> {
+        let Settings {
+            outbound,
+            export_root,
+            secrets,
+        } = settings;
         let activation = Arc::new(Activation {
             store,
             identity,
@@ -588,8 +609,10 @@ impl Activation {
             clients: Mutex::new(BTreeMap::new()),
             outbound,
             export_root,
+            secrets,
             worker: Mutex::new(None),
         });
+        activation.seal_stored_secrets()?;
         let engine = Arc::downgrade(&activation);
         let worker = Worker::start("activation", health, Vec::new(), move |rx| run(&engine, rx))?;
         *activation
@@ -668,31 +691,73 @@ impl Activation {
         Ok(self.export_root.join(path))
     }
 
-    /// The destinations.
+    /// The destinations, their secrets opened.
     ///
     /// # Errors
     ///
     /// On a storage failure.
     pub fn destinations(&self) -> Result<Vec<Destination>, StoreError> {
-        all_json(&self.store, b'd')
+        let sealed: Vec<Value> = all_json(&self.store, b'd')?;
+        Ok(sealed
+            .into_iter()
+            .filter_map(|value| match self.open_destination(value) {
+                Ok(destination) => Some(destination),
+                Err(error) => {
+                    tracing::error!(%error, "a destination cannot be read; it is left out");
+                    None
+                }
+            })
+            .collect())
     }
 
-    /// One destination.
+    /// One destination, its secrets opened.
     ///
     /// # Errors
     ///
-    /// On a storage failure.
+    /// On a storage failure, or secrets that do not open with the master key.
     pub fn destination(&self, id: &str) -> Result<Option<Destination>, StoreError> {
-        get_json(&self.store, &key(b'd', &[id.as_bytes()]))
+        get_json::<Value>(&self.store, &key(b'd', &[id.as_bytes()]))?
+            .map(|value| self.open_destination(value))
+            .transpose()
     }
 
-    /// Stores a destination (or removes it).
+    fn open_destination(&self, mut value: Value) -> Result<Destination, StoreError> {
+        self.secrets.open_fields(&mut value, &SECRET_FIELDS)?;
+        Ok(serde_json::from_value(value)?)
+    }
+
+    /// Stores a destination, its secrets sealed (or removes it).
     ///
     /// # Errors
     ///
     /// On a storage failure.
     pub fn put_destination(&self, id: &str, value: Option<&Destination>) -> Result<(), StoreError> {
-        self.put(b'd', id, value)
+        let sealed = value
+            .map(|destination| {
+                let mut value = serde_json::to_value(destination)?;
+                self.secrets.seal_fields(&mut value, &SECRET_FIELDS);
+                Ok::<_, StoreError>(value)
+            })
+            .transpose()?;
+        self.put(b'd', id, sealed.as_ref())
+    }
+
+    /// Seals the secrets of destinations an earlier version stored in clear.
+    fn seal_stored_secrets(&self) -> Result<(), StoreError> {
+        let stored: Vec<Value> = all_json(&self.store, b'd')?;
+        for value in stored {
+            let in_clear = SECRET_FIELDS.iter().any(|p| {
+                value
+                    .pointer(p)
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| !MasterKey::is_sealed(s))
+            });
+            if in_clear && let Ok(destination) = self.open_destination(value) {
+                self.put_destination(&destination.id, Some(&destination))?;
+                tracing::info!(destination = %destination.id, "sealed the destination's secrets");
+            }
+        }
+        Ok(())
     }
 
     /// The campaigns.

@@ -951,7 +951,11 @@ fn activation_benchmark(collector: &std::path::Path, deliveries: usize, rate: us
     println!("baseline: signed POSTs straight to the receiver, one at a time: {baseline:.0}/s");
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut child, url) = start(collector, dir.path(), &["--identity"]);
+    let (mut child, url) = start(
+        collector,
+        dir.path(),
+        &["--identity", "--allow-private-destinations"],
+    );
     let post = |path: &str, body: Value| {
         admin(
             &http,
