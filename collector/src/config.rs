@@ -121,6 +121,14 @@ pub struct Config {
     #[arg(long, env = "KITH_MIN_FREE_DISK", default_value = "512MiB", value_parser = crate::disk::parse_bytes)]
     pub min_free_disk: u64,
 
+    /// Failed events older than this are forgotten (for example `30d`).
+    #[arg(long, env = "KITH_FAILED_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub failed_retention: Duration,
+
+    /// At most this many failed events are kept; the oldest go first.
+    #[arg(long, env = "KITH_MAX_FAILED_EVENTS", default_value_t = 100_000)]
+    pub max_failed_events: usize,
+
     /// `/readyz` answers 503 while the oldest event the pipeline has not processed was
     /// received longer ago than this (for example `5m`).
     #[arg(long, env = "KITH_READY_MAX_LAG", default_value = "5m", value_parser = humantime::parse_duration)]
@@ -270,6 +278,8 @@ impl Config {
             max_import_bytes: DEFAULT_MAX_IMPORT_BYTES,
             ready_max_lag: DEFAULT_READY_MAX_LAG,
             min_free_disk: DEFAULT_MIN_FREE_DISK,
+            failed_retention: Duration::from_secs(30 * 24 * 3600),
+            max_failed_events: 100_000,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             max_connections: DEFAULT_MAX_CONNECTIONS,

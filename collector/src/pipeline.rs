@@ -233,7 +233,32 @@ pub struct Pipeline {
     /// Up to this `seq`, chunks are one event long: a stage failed at the end of a
     /// longer chunk, on no event in particular, and one-event chunks find which.
     narrow_until: Mutex<u64>,
+    /// How long, and how many, failed events are kept.
+    retention: FailedRetention,
+    /// When the failed-events store was last trimmed.
+    trimmed: Mutex<Option<std::time::Instant>>,
 }
+
+/// How long failed events are kept, and how many at most (the oldest go first).
+#[derive(Debug, Clone, Copy)]
+pub struct FailedRetention {
+    /// Failed events older than this are forgotten.
+    pub max_age: Duration,
+    /// At most this many are kept.
+    pub max_count: usize,
+}
+
+impl Default for FailedRetention {
+    fn default() -> Self {
+        FailedRetention {
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            max_count: 100_000,
+        }
+    }
+}
+
+/// How often the failed-events store is trimmed at most.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -308,7 +333,32 @@ impl Pipeline {
             stages,
             live,
             narrow_until: Mutex::new(0),
+            retention: FailedRetention::default(),
+            trimmed: Mutex::new(None),
         }
+    }
+
+    /// Keeps failed events as `retention` says.
+    pub fn with_retention(mut self, retention: FailedRetention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Trims the failed-events store, at most every [`TRIM_EVERY`].
+    fn trim_failed(&self) -> Result<(), StoreError> {
+        let mut trimmed = lock(&self.trimmed);
+        if trimmed.is_some_and(|at| at.elapsed() < TRIM_EVERY) {
+            return Ok(());
+        }
+        *trimmed = Some(std::time::Instant::now());
+        let cutoff = jiff::Timestamp::now()
+            .checked_sub(jiff::SignedDuration::try_from(self.retention.max_age).unwrap_or_default())
+            .unwrap_or(jiff::Timestamp::MIN);
+        let removed = self.store.trim_failed(cutoff, self.retention.max_count)?;
+        if removed > 0 {
+            tracing::info!(removed, "forgot failed events past their retention");
+        }
+        Ok(())
     }
 
     /// Processes one chunk of the log after the checkpoint; answers how many entries.
@@ -431,7 +481,11 @@ impl Pipeline {
                 return Err(ChunkFailure::Chunk(reason));
             }
         }
+        let any_failed = !failed.is_empty();
         self.store.settle(settlement)?;
+        if any_failed {
+            self.trim_failed()?;
+        }
         let mut counters = self.stats.pipeline();
         counters.add(entries.len() as u64, &dropped, &failed);
         self.store.commit_checkpoint(last, &counters)?;

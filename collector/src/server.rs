@@ -340,6 +340,10 @@ impl Collector {
             stages,
             live.clone(),
         )
+        .with_retention(crate::pipeline::FailedRetention {
+            max_age: config.failed_retention,
+            max_count: config.max_failed_events,
+        })
         .start(wake.clone())
         .map_err(|e| StoreError::Start(format!("the pipeline: {e}")))?;
         let disk = Arc::new(crate::disk::Disk::new(

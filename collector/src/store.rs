@@ -633,7 +633,34 @@ impl Store {
         Ok(events)
     }
 
-    /// Forgets failed events (once replayed).
+    /// Forgets the failed events that failed before `cutoff`, and the oldest ones
+    /// beyond the newest `keep`; answers how many went.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn trim_failed(&self, cutoff: Timestamp, keep: usize) -> Result<usize, StoreError> {
+        let total = self.failed.len();
+        let mut over = total.saturating_sub(keep);
+        let mut batch = Batch::default();
+        let mut removed = 0;
+        for entry in self.failed.iter() {
+            let (key, value) = entry?;
+            let old = serde_json::from_slice::<FailedEvent>(&value)
+                .map_or(true, |event| event.failed_at < cutoff);
+            if over == 0 && !old {
+                // Keys follow the log, so failure times grow too: the rest is newer.
+                break;
+            }
+            batch.remove(key);
+            over = over.saturating_sub(1);
+            removed += 1;
+        }
+        self.failed.apply_batch(batch)?;
+        Ok(removed)
+    }
+
+    /// Forgets failed events (once replayed, or deleted).
     ///
     /// # Errors
     ///
@@ -1204,6 +1231,47 @@ mod tests {
             [4, 2]
         );
         assert_eq!(seqs(q(EventFilter::MessageId("m3".into()), None, 10)), [3]);
+    }
+
+    #[test]
+    fn failed_events_are_trimmed_by_age_and_count() {
+        let (_dir, store) = open();
+        let mut settlement = Settlement::default();
+        let old = Timestamp::from_second(1_000).expect("ts");
+        for seq in 1..=10 {
+            let mut failed = FailedEvent::new(
+                seq,
+                &event(seq, "u", &format!("m{seq}"))
+                    .encode()
+                    .expect("encode"),
+                "cleaning",
+                "bad".to_owned(),
+            )
+            .expect("failed");
+            if seq <= 3 {
+                failed.failed_at = old;
+            }
+            settlement.fail(failed);
+        }
+        store.settle(settlement).expect("settle");
+        let cutoff = Timestamp::from_second(2_000).expect("ts");
+        assert_eq!(
+            store.trim_failed(cutoff, 100).expect("trim"),
+            3,
+            "the old ones"
+        );
+        assert_eq!(
+            store.trim_failed(cutoff, 5).expect("trim"),
+            2,
+            "the oldest beyond 5"
+        );
+        let left: Vec<u64> = store
+            .failed_events(None, None, 100)
+            .expect("list")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(left, [10, 9, 8, 7, 6]);
     }
 
     #[test]

@@ -174,8 +174,26 @@ fn failed_events_are_listed_and_replayed_once_the_rules_are_fixed() {
         .json()
         .expect("json");
     assert_eq!(all["replayed"], 1);
-    assert_eq!(failed(&h).len(), 1, "still invalid, failed again");
+    let left = failed(&h);
+    assert_eq!(left.len(), 1, "still invalid, failed again");
     assert_eq!(h.stats()["deduplicated"], 0);
+
+    // One failed event is deleted on its own.
+    let seq = left[0]["seq"].as_u64().expect("seq");
+    let path = format!("/v1/failed/{seq}");
+    assert_eq!(
+        h.admin_send(Method::DELETE, &path, &json!({})).status(),
+        200
+    );
+    assert!(failed(&h).is_empty());
+    assert_eq!(
+        error_code(h.admin_send(Method::DELETE, &path, &json!({}))),
+        (404, "not_found".to_owned())
+    );
+    assert_eq!(
+        error_code(h.admin_send(Method::DELETE, "/v1/failed/x", &json!({}))),
+        (400, "invalid_seq".to_owned())
+    );
 }
 
 #[test]

@@ -157,6 +157,17 @@ fn segments_select_profiles_by_traits_events_and_other_segments() {
         bo_row.contains("\"\"plan\"\":\"\"free\"\""),
         "traits as quoted JSON: {bo_row}"
     );
+    // A cell a spreadsheet would take for a formula stays text.
+    h.send_batch(json!([
+        {"type": "identify", "userId": "=HYPERLINK(\"http://x\")", "traits": {"email": "f@x.io"}},
+        {"type": "track", "userId": "=HYPERLINK(\"http://x\")", "event": "Order Completed",
+         "properties": {"total": 999}}
+    ]));
+    let csv = h
+        .admin_get("/v1/segments/big_spenders/members.csv")
+        .text()
+        .expect("csv");
+    assert!(csv.contains(",\"'=HYPERLINK(\"\"http://x\"\")\","), "{csv}");
     assert_eq!(
         error_code(h.admin_get("/v1/profiles/prf_none/segments")),
         (404, "not_found".to_owned())

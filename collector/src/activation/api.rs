@@ -19,8 +19,11 @@
 //!   `GET|DELETE /v1/campaigns/{id}`.
 //! - `GET /v1/profiles/{id}/push-tokens`: the push tokens and Web Push subscriptions
 //!   events brought to a profile (`context.device.token`).
-//! - `GET /v1/deliveries?after=&limit=&state=&campaign=`: the outbox, oldest first;
-//!   `POST /v1/deliveries/replay` (`{"ids": [...]}`, or `{}` for every dead one).
+//! - `GET /v1/deliveries?after=&limit=&state=&campaign=`: the outbox, oldest first,
+//!   looking at up to [`super::DELIVERIES_SCANNED`] deliveries a request (`next_after`
+//!   says where to go on; a page may be short or empty when filters match few);
+//!   `POST /v1/deliveries/replay` (`{"ids": [...]}`, or `{}` for every dead one, up to
+//!   [`super::MAX_REPLAYED`] a request).
 
 use std::sync::Arc;
 
@@ -408,11 +411,10 @@ async fn deliveries(
     let Query(query) = query?;
     let limit = limit(query.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = query.after.unwrap_or(0);
-    let found: Vec<Delivery> = blocking(move || {
+    let (found, next_after): (Vec<Delivery>, u64) = blocking(move || {
         activation.deliveries(after, limit, query.state, query.campaign.as_deref())
     })
     .await?;
-    let next_after = found.last().map_or(after, |d| d.id);
     Ok(Json(json!({"deliveries": found, "next_after": next_after})))
 }
 

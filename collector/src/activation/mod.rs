@@ -64,6 +64,10 @@ use crate::writer::{Append, LogWriter};
 const CHANGES_PER_PASS: usize = 500;
 /// Deliveries sent per pass before new changes are read again.
 const SENDS_PER_PASS: usize = 200;
+/// The most deliveries one `GET /v1/deliveries` looks at (it answers where to go on).
+pub const DELIVERIES_SCANNED: usize = 10_000;
+/// The most dead deliveries one replay puts back.
+pub const MAX_REPLAYED: usize = 10_000;
 /// Deliveries in flight at once in a pass.
 const SENDERS: usize = 8;
 /// Deliveries to one destination in flight at once.
@@ -799,7 +803,8 @@ impl Activation {
     }
 
     /// Deliveries numbered after `after`, oldest first, at most `limit`, of a state and
-    /// a campaign when given.
+    /// a campaign when given, looking at no more than [`DELIVERIES_SCANNED`] of them;
+    /// and the number to go on after (the last one looked at).
     ///
     /// # Errors
     ///
@@ -810,15 +815,17 @@ impl Activation {
         limit: usize,
         state: Option<DeliveryState>,
         campaign: Option<&str>,
-    ) -> Result<Vec<Delivery>, StoreError> {
+    ) -> Result<(Vec<Delivery>, u64), StoreError> {
         let prefix = key(b'o', &[b""]);
         let from = key(b'o', &[&after.saturating_add(1).to_be_bytes()]);
         let mut found = Vec::new();
-        for (_, value) in self
-            .store
-            .scan_from(Space::Activation, &prefix, &from, usize::MAX)?
+        let mut last = after;
+        for (_, value) in
+            self.store
+                .scan_from(Space::Activation, &prefix, &from, DELIVERIES_SCANNED)?
         {
             let delivery: Delivery = serde_json::from_slice(&value)?;
+            last = delivery.id;
             if state.is_none_or(|s| s == delivery.state)
                 && campaign.is_none_or(|c| c == delivery.campaign)
             {
@@ -828,7 +835,7 @@ impl Activation {
                 }
             }
         }
-        Ok(found)
+        Ok((found, last))
     }
 
     /// Puts dead deliveries (these, or every dead one) back in the outbox, due now,
@@ -846,7 +853,22 @@ impl Activation {
                     get_json::<Delivery>(&self.store, &key(b'o', &[&id.to_be_bytes()])).transpose()
                 })
                 .collect::<Result<Vec<_>, _>>()?,
-            None => self.deliveries(0, usize::MAX, Some(DeliveryState::Dead), None)?,
+            None => {
+                // Every dead one, a bounded scan at a time.
+                let mut dead = Vec::new();
+                let mut after = 0;
+                loop {
+                    let (page, last) =
+                        self.deliveries(after, usize::MAX, Some(DeliveryState::Dead), None)?;
+                    dead.extend(page);
+                    if last == after || dead.len() >= MAX_REPLAYED {
+                        break;
+                    }
+                    after = last;
+                }
+                dead.truncate(MAX_REPLAYED);
+                dead
+            }
         };
         let now = Timestamp::now();
         let mut writes = Writes::new();

@@ -5,7 +5,9 @@
 //! - `GET|PUT|DELETE /v1/sources/{source}/rules`: a source's own rules (`default` for
 //!   the rules of sources without their own). `PUT` checks and compiles them first: a
 //!   bad rule is a 400 naming it, and the rules in force stay.
-//! - `GET /v1/failed?source=&before=&limit=`: failed events, newest first, with reasons.
+//! - `GET /v1/failed?source=&before=&limit=`: failed events, newest first, with reasons;
+//!   `DELETE /v1/failed/{seq}` forgets one. They are kept `--failed-retention` (30 days)
+//!   and `--max-failed-events` (100,000) at most, the oldest going first.
 //! - `POST /v1/failed/replay` (`{"seqs": [...]}`, or `{}` for every failed event up to
 //!   [`MAX_REPLAY`]): puts them back on the log as they came in, so they run through
 //!   the rules in force now; they leave the failed store once the log has them.
@@ -41,6 +43,7 @@ pub fn routes() -> Router<Arc<AppState>> {
             get(get_rules).put(put_rules).delete(delete_rules),
         )
         .route("/v1/failed", get(failed))
+        .route("/v1/failed/{seq}", axum::routing::delete(delete_failed))
         .route("/v1/failed/replay", post(replay))
 }
 
@@ -144,6 +147,32 @@ async fn failed(
         blocking(move || store.failed_events(query.source.as_deref(), query.before, limit)).await?;
     let next_before = next_before(&found, limit, |e| e.seq);
     Ok(Json(json!({"failed": found, "next_before": next_before})))
+}
+
+/// `DELETE /v1/failed/{seq}`: forgets one failed event.
+async fn delete_failed(
+    State(state): State<Arc<AppState>>,
+    Path(seq): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let seq: u64 = seq.parse().map_err(|_| {
+        ApiError::invalid(
+            "invalid_seq",
+            format!("{seq:?} is not a failed event's seq"),
+        )
+    })?;
+    let store = state.store.clone();
+    let found = blocking(move || -> Result<bool, ApiError> {
+        let found = !store.failed_by_seq(&[seq])?.is_empty();
+        store.remove_failed(&[seq])?;
+        store.flush()?;
+        Ok(found)
+    })
+    .await?;
+    if found {
+        Ok(Json(json!({"deleted": seq})))
+    } else {
+        Err(ApiError::NotFound(format!("no failed event {seq}")))
+    }
 }
 
 /// The body of `POST /v1/failed/replay`.

@@ -23,6 +23,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::IntoResponse as _;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use jiff::Timestamp;
@@ -403,9 +404,8 @@ async fn members(
         if !all(&store)?.contains_key(&wanted) {
             return Ok(None);
         }
-        engine
-            .members(&wanted, page.after.as_deref(), limit)
-            .map(Some)
+        let members = engine.members(&wanted, page.after.as_deref(), limit)?;
+        Ok(Some((members, engine.member_count(&wanted)?)))
     })
     .await?
     .ok_or_else(|| not_found(&key))?;
@@ -421,29 +421,42 @@ async fn members(
     })))
 }
 
-/// One CSV field, quoted when it holds a comma, a quote or a line break.
+/// One CSV field: quoted when it holds a comma, a quote or a line break, and, when it
+/// starts with `=`, `+`, `-`, `@`, a tab or a carriage return (which spreadsheets read
+/// as a formula), prefixed with `'` so that it stays text (OWASP's CSV injection rule).
 pub(crate) fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
+    let text = if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        std::borrow::Cow::Owned(format!("'{text}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    };
+    if text.contains([',', '"', '\n', '\r', '\'']) {
         format!("\"{}\"", text.replace('"', "\"\""))
     } else {
-        text.to_owned()
+        text.into_owned()
     }
 }
+
+/// How many CSV bytes are gathered before they are sent on.
+const CSV_CHUNK: usize = 64 * 1024;
 
 async fn export(
     State(state): State<Arc<AppState>>,
     Path(key): Path<String>,
-) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let membership = membership(&state)?;
     let identity = identity(&state)?;
     let store = state.store.clone();
     let wanted = key.clone();
-    let csv = blocking(move || -> Result<Option<String>, StoreError> {
-        if !all(&store)?.contains_key(&wanted) {
-            return Ok(None);
-        }
+    if !blocking(move || all(&store).map(|s| s.contains_key(&wanted))).await? {
+        return Err(not_found(&key));
+    }
+    // Streamed: rows are written on a blocking thread and sent a chunk at a time, so a
+    // segment of millions never sits in memory.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
         let mut out = String::from("profile_id,user_ids,emails,phones,traits\n");
-        membership.each_member(&wanted, |id| {
+        let written = membership.each_member(&key, |id| {
             let Some(profile) = identity.profile(id)? else {
                 return Ok(());
             };
@@ -467,16 +480,28 @@ async fn export(
             let fields: Vec<String> = row.iter().map(|f| csv_field(f)).collect();
             out.push_str(&fields.join(","));
             out.push('\n');
+            if out.len() >= CSV_CHUNK && tx.blocking_send(Ok(std::mem::take(&mut out))).is_err() {
+                // The client went away.
+                return Err(StoreError::ShuttingDown);
+            }
             Ok(())
-        })?;
-        Ok(Some(out))
-    })
-    .await?
-    .ok_or_else(|| not_found(&key))?;
+        });
+        let last = match written {
+            Ok(()) => Ok(out),
+            Err(StoreError::ShuttingDown) => return,
+            Err(error) => {
+                tracing::error!(%error, "a members export stopped");
+                Err(std::io::Error::other(error.to_string()))
+            }
+        };
+        let _ = tx.blocking_send(last);
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     Ok((
         [(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-        csv,
-    ))
+        body,
+    )
+        .into_response())
 }
 
 async fn profile_segments(

@@ -415,7 +415,7 @@ impl Membership {
         Ok(self.state(profile)?.segments)
     }
 
-    /// A page of a segment's members (profile ids after `after`), and their total.
+    /// A page of a segment's members: profile ids after `after`, in id order.
     ///
     /// # Errors
     ///
@@ -425,7 +425,7 @@ impl Membership {
         segment: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<(Vec<String>, usize), StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         let prefix = key(b'i', &[segment.as_bytes(), b""]);
         let from = match after {
             Some(after) => {
@@ -441,7 +441,17 @@ impl Membership {
             .into_iter()
             .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
             .collect();
-        Ok((page, self.store.count(Space::Membership, &prefix)?))
+        Ok(page)
+    }
+
+    /// How many members a segment has.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn member_count(&self, segment: &str) -> Result<usize, StoreError> {
+        self.store
+            .count(Space::Membership, &key(b'i', &[segment.as_bytes(), b""]))
     }
 
     /// Calls `visit` with every member of a segment, in id order, a page at a time.
@@ -457,7 +467,7 @@ impl Membership {
         const PAGE: usize = 1_000;
         let mut after: Option<String> = None;
         loop {
-            let (page, _) = self.members(segment, after.as_deref(), PAGE)?;
+            let page = self.members(segment, after.as_deref(), PAGE)?;
             for id in &page {
                 visit(id)?;
             }
