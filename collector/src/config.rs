@@ -42,6 +42,37 @@ pub const DEFAULT_READY_MAX_LAG: Duration = Duration::from_secs(5 * 60);
 /// The largest import file taken by default: 10 GiB.
 pub const DEFAULT_MAX_IMPORT_BYTES: u64 = 10 << 30;
 
+/// What is stored of a client's IP address (`context.ip`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum StoreIp {
+    /// The whole address, as Segment stores it.
+    #[default]
+    Full,
+    /// The network part only: IPv4 with its last byte zeroed (/24), IPv6 with its last
+    /// 80 bits zeroed (/48), as Google Analytics' IP anonymisation does.
+    Truncated,
+    /// None: `context.ip` is removed, whoever set it.
+    None,
+}
+
+impl StoreIp {
+    /// What is kept of `ip`.
+    pub fn apply(self, ip: IpAddr) -> Option<IpAddr> {
+        match (self, ip) {
+            (StoreIp::Full, ip) => Some(ip),
+            (StoreIp::None, _) => None,
+            (StoreIp::Truncated, IpAddr::V4(v4)) => {
+                let [a, b, c, _] = v4.octets();
+                Some(IpAddr::from([a, b, c, 0]))
+            }
+            (StoreIp::Truncated, IpAddr::V6(v6)) => {
+                let s = v6.segments();
+                Some(IpAddr::from([s[0], s[1], s[2], 0, 0, 0, 0, 0]))
+            }
+        }
+    }
+}
+
 /// Everything a collector needs to start.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -77,6 +108,11 @@ pub struct Config {
     /// (for example `7d`, `12h`).
     #[arg(long, env = "KITH_DEDUP_WINDOW", default_value = "7d", value_parser = humantime::parse_duration)]
     pub dedup_window: Duration,
+
+    /// What is stored of clients' IP addresses in `context.ip`: `full`, `truncated`
+    /// (IPv4 /24, IPv6 /48) or `none`. It applies to addresses events carry too.
+    #[arg(long, env = "KITH_STORE_IP", value_enum, default_value = "full")]
+    pub store_ip: StoreIp,
 
     /// Events per second each write key may send; 0 turns rate limiting off.
     #[arg(long, env = "KITH_RATE_LIMIT", default_value_t = 0)]
@@ -273,6 +309,7 @@ impl Config {
             trusted_proxies: Vec::new(),
             dedup_window: DEFAULT_DEDUP_WINDOW,
             rate_limit: 0,
+            store_ip: StoreIp::Full,
             cache_bytes: DEFAULT_CACHE_BYTES,
             identity: false,
             max_import_bytes: DEFAULT_MAX_IMPORT_BYTES,

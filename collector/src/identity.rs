@@ -275,6 +275,15 @@ pub enum MatchError {
     Store(#[from] StoreError),
 }
 
+/// An identifier as logs show it: its type and the first 8 hex digits of the SHA-256
+/// of its value (`email:3fa2c9d1`), so that a log line can be matched against a
+/// known person without holding the value.
+pub fn fingerprint(identifier: &Identifier) -> String {
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(identifier.value.as_bytes());
+    let short: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}:{short}", identifier.kind)
+}
+
 /// The identity graph of a collector, shared by its pipeline stage and the profile API.
 #[derive(Debug)]
 pub struct Identity {
@@ -437,6 +446,11 @@ impl Identity {
             Ok(split)
         })
         .map_err(SplitError::Store)?
+    }
+
+    /// The identifiers a message carries, by these identity rules.
+    pub fn identifiers_in(&self, message: &Value) -> Vec<Identifier> {
+        kith_identity::identifier::identifiers_of(message, self.graph.rules().trait_identifiers())
     }
 
     /// Erases a profile and its events, and suppresses its identifiers.
@@ -681,13 +695,14 @@ impl Stage for Resolve {
             }
             resolution
         };
+        // Logs name identifiers by fingerprint only: they are personal data.
         if let Some(id) = resolution.suppressed {
-            tracing::info!(seq = event.seq, identifier = %id, "event dropped: it carries an erased identifier");
+            tracing::info!(seq = event.seq, identifier = %fingerprint(&id), "event dropped: it carries an erased identifier");
             return Ok(Outcome::Drop(SUPPRESSED));
         }
         for refusal in &resolution.refusals {
-            tracing::info!(seq = event.seq, identifier = %refusal.identifier, reason = %refusal.reason,
-                           "identifier not linked");
+            tracing::info!(seq = event.seq, identifier = %fingerprint(&refusal.identifier),
+                           "identifier not linked (the reason is on the event: context.kith.identity_refused)");
         }
         for merge in &resolution.merges {
             tracing::info!(seq = event.seq, survivor = %merge.survivor, merged = %merge.merged, "profiles merged");

@@ -30,6 +30,7 @@ use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::config::StoreIp;
 use crate::error::ApiError;
 use crate::server::AppState;
 use crate::writer::Append;
@@ -216,6 +217,7 @@ async fn commit(
 struct RequestContext {
     received_at: Timestamp,
     client_ip: Option<IpAddr>,
+    store_ip: StoreIp,
 }
 
 impl RequestContext {
@@ -227,6 +229,7 @@ impl RequestContext {
         RequestContext {
             received_at: Timestamp::now(),
             client_ip: peer.map(|peer| state.client_ip(peer, request.headers())),
+            store_ip: state.store_ip,
         }
     }
 }
@@ -264,6 +267,7 @@ pub(crate) fn accept_imported(
     let context = RequestContext {
         received_at,
         client_ip: None,
+        store_ip: StoreIp::Full,
     };
     enrich(&mut message, None, &context);
     let encoded = serde_json::to_vec(&message).map_err(|e| ("invalid_event", e.to_string()))?;
@@ -319,6 +323,20 @@ fn enrich(message: &mut Message, batch_sent_at: Option<Timestamp>, context: &Req
         let ctx = common.context.get_or_insert_with(Map::new);
         ctx.entry("ip")
             .or_insert_with(|| Value::from(ip.to_string()));
+    }
+    if context.store_ip != StoreIp::Full
+        && let Some(ctx) = common.context.as_mut()
+        && let Some(given) = ctx.remove("ip")
+    {
+        // An address the event gave is treated like the peer's; one that is no address
+        // is not kept either.
+        let kept = given
+            .as_str()
+            .and_then(|text| text.trim().parse::<IpAddr>().ok())
+            .and_then(|ip| context.store_ip.apply(ip));
+        if let Some(ip) = kept {
+            ctx.insert("ip".to_owned(), Value::from(ip.to_string()));
+        }
     }
 }
 
@@ -462,6 +480,7 @@ mod tests {
         RequestContext {
             received_at: received.parse().expect("timestamp"),
             client_ip: Some("203.0.113.9".parse().expect("ip")),
+            store_ip: StoreIp::Full,
         }
     }
 
@@ -513,6 +532,29 @@ mod tests {
             json!("2024-01-01T09:00:00Z"),
             "no sentAt, no correction"
         );
+    }
+
+    #[test]
+    fn the_ip_policy_applies_to_the_peer_and_to_addresses_events_give() {
+        let run = |store_ip, event: Value| {
+            let mut message: Message = serde_json::from_value(event).expect("message");
+            let mut context = context("2024-01-01T12:00:00Z");
+            context.store_ip = store_ip;
+            enrich(&mut message, None, &context);
+            serde_json::to_value(message).expect("json")["context"]["ip"].clone()
+        };
+        let plain = json!({"type": "page", "anonymousId": "a"});
+        let given = json!({"type": "page", "anonymousId": "a", "context": {"ip": "2001:db8:85a3:8d3:1319:8a2e:370:7348"}});
+        let junk = json!({"type": "page", "anonymousId": "a", "context": {"ip": "not an ip"}});
+        assert_eq!(run(StoreIp::Full, plain.clone()), json!("203.0.113.9"));
+        assert_eq!(run(StoreIp::Truncated, plain.clone()), json!("203.0.113.0"));
+        assert_eq!(
+            run(StoreIp::Truncated, given.clone()),
+            json!("2001:db8:85a3::")
+        );
+        assert_eq!(run(StoreIp::Truncated, junk), Value::Null);
+        assert_eq!(run(StoreIp::None, plain), Value::Null);
+        assert_eq!(run(StoreIp::None, given), Value::Null);
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //!   says so in `merged_id`).
 //! - `GET /v1/profiles/{id}/events?limit=&before=`: its stored events, newest first.
 //! - `GET /v1/profiles/{id}/merges`: its merge log.
-//! - `DELETE /v1/profiles/{id}`: erases it, its identifiers and its events, and
-//!   suppresses the identifiers (later events carrying them are dropped and counted).
+//! - `DELETE /v1/profiles/{id}`: erases the person from every store (see [`erase`]) and
+//!   suppresses the identifiers (later events carrying them are dropped and counted);
+//!   the answer reports what was removed where.
 //! - `POST /v1/merges/{id}/split`: undoes a merge.
 //! - `POST /v1/matching/run`: probabilistic matching over the profiles' traits (when the
 //!   identity settings have a `matching` section): merges likely pairs, keeps the
@@ -14,6 +15,7 @@
 //! - `GET /v1/suggested-merges`; `POST /v1/suggested-merges/accept` and `/dismiss` with
 //!   `{"a": id, "b": id}`.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -27,6 +29,7 @@ use kith_identity::profile::Profile;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::activation::audience;
 use crate::admin::{blocking, limit, next_before};
 use crate::error::ApiError;
 use crate::identity::{Identity, MatchError, MatchReport};
@@ -186,20 +189,87 @@ async fn merges(
     Ok(Json(json!({"profile": profile.id, "merges": merges})))
 }
 
+/// `DELETE /v1/profiles/{id}`: erases the person from every store and answers what
+/// went where. The graph forgets the profile (and the profiles merged into it) and
+/// suppresses its identifiers; its events go from the event store; its segment
+/// memberships end with cause `erased` (no campaign fires on them) and its earlier
+/// membership history goes; the outbox forgets its deliveries, push tokens and
+/// frequency caps; failed events carrying its identifiers go; audience export files
+/// lose its rows.
 async fn erase(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let identity = identity(&state)?;
-    let wanted = id.clone();
-    let deleted = blocking(move || identity.delete(&wanted))
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let (graph, wanted) = (identity.clone(), id.clone());
+    let (owners, deleted) = blocking(move || -> Result<_, ApiError> {
+        let mut owners: BTreeSet<String> = BTreeSet::new();
+        if let Some(profile) = graph.profile(&wanted)? {
+            owners.insert(profile.id.clone());
+            for merge in graph.merges(&profile.id)? {
+                // A split gave the merged profile back its own life: it is not erased.
+                if merge.survivor == profile.id && !merge.undone {
+                    owners.insert(merge.merged);
+                }
+            }
+        }
+        Ok((owners, graph.delete(&wanted)?))
+    })
+    .await?;
+    let deleted = deleted.ok_or_else(|| not_found(&id))?;
     refresh_segments(&state).await;
+    let membership = state.membership.clone();
+    let activation = state.activation.clone();
+    let store = state.store.clone();
+    let identifiers: BTreeSet<Identifier> = deleted.identifiers.iter().cloned().collect();
+    let (seqs, forgotten_owners) = (deleted.event_seqs.clone(), owners.clone());
+    let removed = blocking(move || -> Result<Value, ApiError> {
+        let failed = store.erase_failed(|event| {
+            identity
+                .identifiers_in(&event.message)
+                .iter()
+                .any(|i| identifiers.contains(i))
+        })?;
+        let history = match &membership {
+            Some(membership) => membership.forget_history(&forgotten_owners)?,
+            None => 0,
+        };
+        let (outbox, export_rows) = match &activation {
+            Some(activation) => {
+                let forgotten = activation.forget_profiles(&forgotten_owners, &seqs)?;
+                let hashes: Vec<String> = identifiers
+                    .iter()
+                    .filter_map(|i| match i.kind.as_str() {
+                        "email" => Some(audience::hashed(Some(&audience::normal_email(&i.value)))),
+                        "phone" => Some(audience::hashed(Some(&audience::normal_phone(&i.value)))),
+                        _ => None,
+                    })
+                    .filter(|h| !h.is_empty())
+                    .collect();
+                let rows = activation
+                    .scrub_exports(&hashes)
+                    .map_err(|why| ApiError::Unavailable(format!("the exports: {why}")))?;
+                (forgotten, rows)
+            }
+            None => Default::default(),
+        };
+        Ok(json!({
+            "events": seqs.len(),
+            "failed_events": failed,
+            "membership_history": history,
+            "deliveries": outbox.deliveries,
+            "push_tokens": outbox.push_tokens,
+            "frequency_caps": outbox.frequency_caps,
+            "export_rows": export_rows,
+        }))
+    })
+    .await?;
     Ok(Json(json!({
         "deleted": deleted.profile,
+        "profiles": owners,
         "suppressed_identifiers": deleted.identifiers,
         "erased_events": deleted.event_seqs.len(),
+        "removed": removed,
     })))
 }
 

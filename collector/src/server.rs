@@ -76,6 +76,8 @@ pub struct AppState {
     pub refused_connections: Arc<crate::http::Refused>,
     /// Proxies whose `X-Forwarded-For` is trusted.
     pub trusted_proxies: Vec<IpNet>,
+    /// What is stored of clients' IP addresses.
+    pub store_ip: crate::config::StoreIp,
     /// The per-source rate limit, when configured.
     pub limiter: Option<RateLimiter>,
     /// Each source's processing rules.
@@ -378,6 +380,7 @@ impl Collector {
             live_tails: Arc::new(tokio::sync::Semaphore::new(config.max_live_tails)),
             refused_connections: Arc::default(),
             trusted_proxies: config.trusted_proxies.clone(),
+            store_ip: config.store_ip,
             limiter: (config.rate_limit > 0).then(|| RateLimiter::new(config.rate_limit)),
             rules,
             identity,

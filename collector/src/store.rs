@@ -633,6 +633,27 @@ impl Store {
         Ok(events)
     }
 
+    /// Forgets every failed event `erased` picks (an erased person's); answers how
+    /// many.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn erase_failed(&self, erased: impl Fn(&FailedEvent) -> bool) -> Result<usize, StoreError> {
+        let mut batch = Batch::default();
+        let mut removed = 0;
+        for entry in self.failed.iter() {
+            let (key, value) = entry?;
+            if serde_json::from_slice::<FailedEvent>(&value).is_ok_and(|event| erased(&event)) {
+                batch.remove(key);
+                removed += 1;
+            }
+        }
+        self.failed.apply_batch(batch)?;
+        self.flush()?;
+        Ok(removed)
+    }
+
     /// Forgets the failed events that failed before `cutoff`, and the oldest ones
     /// beyond the newest `keep`; answers how many went.
     ///

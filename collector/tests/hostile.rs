@@ -1047,3 +1047,162 @@ fn secrets_are_sealed_at_rest_and_the_token_printed_once() {
     child.kill().expect("kill");
     child.wait().expect("wait");
 }
+
+#[test]
+fn erasing_a_person_leaves_no_trace_in_any_store_and_fires_no_campaign() {
+    let c = Collector::start(&["--identity", "--allow-private-destinations"]);
+    let spy = Spy::start(200, None);
+    create(
+        &c,
+        "/v1/segments",
+        json!({"key": "pro", "definition": "traits.plan = \"pro\""}),
+    );
+    let hook: Value = create(
+        &c,
+        "/v1/destinations",
+        json!({"type": "webhook", "url": format!("http://{}/hook", spy.addr), "secret": "s"}),
+    )
+    .json()
+    .expect("json");
+    for trigger in ["segment_entered", "segment_exited"] {
+        let campaign = create(
+            &c,
+            "/v1/campaigns",
+            json!({"name": trigger, "trigger": {"type": trigger, "segment": "pro"},
+                   "destination": hook["id"], "template": {"who": "{{traits.email}}"}}),
+        );
+        assert_eq!(campaign.status(), 201);
+    }
+    let export: Value = create(
+        &c,
+        "/v1/destinations",
+        json!({"type": "audience_export", "directory": "audiences"}),
+    )
+    .json()
+    .expect("json");
+    let batch = json!({"batch": [
+        {"type": "identify", "userId": "ann", "traits": {"plan": "pro", "email": "ann@example.com"},
+         "context": {"device": {"token": "fcm-token-ann"}}},
+        {"type": "track", "userId": "ann", "event": "Viewed"},
+        {"type": "track", "userId": "ann", "event": "Bad", "context": {"traits": {"email": "not-an-email"}}},
+        {"type": "identify", "userId": "bo", "traits": {"plan": "pro", "email": "bo@example.com"}}
+    ]});
+    assert_eq!(c.post("/v1/batch", &batch).status(), 200);
+    c.wait_processed();
+    eventually("both entries delivered", || {
+        (spy.hits().len() == 2).then_some(())
+    });
+    let exported = c.admin(
+        reqwest::Method::POST,
+        &format!(
+            "/v1/destinations/{}/export",
+            export["id"].as_str().expect("id")
+        ),
+        Some(&json!({"segment": "pro"})),
+    );
+    let exported: Value = exported.json().expect("json");
+    let file = exported["file"].as_str().expect("file").to_owned();
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("csv").lines().count(),
+        3
+    );
+    let ann = c.get("/v1/profiles?identifier=user_id:ann");
+    let ann_id = ann["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        c.get("/v1/failed")["failed"].as_array().map(Vec::len),
+        Some(1)
+    );
+
+    let erased = c.admin(
+        reqwest::Method::DELETE,
+        &format!("/v1/profiles/{ann_id}"),
+        None,
+    );
+    assert_eq!(erased.status(), 200);
+    let report: Value = erased.json().expect("json");
+    let removed = &report["removed"];
+    // The identify, the track, and the timeline's "Webhook Delivered".
+    assert_eq!(removed["events"], 3, "{report}");
+    assert_eq!(removed["failed_events"], 1, "{report}");
+    assert_eq!(removed["push_tokens"], 1, "{report}");
+    assert_eq!(removed["export_rows"], 1, "{report}");
+    assert!(removed["deliveries"].as_u64() >= Some(1), "{report}");
+    assert!(
+        removed["membership_history"].as_u64() >= Some(1),
+        "{report}"
+    );
+
+    // Gone from every API.
+    let gone = c.admin(
+        reqwest::Method::GET,
+        &format!("/v1/profiles/{ann_id}"),
+        None,
+    );
+    assert_eq!(gone.status(), 404);
+    assert_eq!(c.get("/v1/events?user_id=ann")["events"], json!([]));
+    assert_eq!(c.get("/v1/failed")["failed"], json!([]));
+    let deliveries = c.get("/v1/deliveries?limit=1000");
+    assert!(
+        deliveries["deliveries"]
+            .as_array()
+            .expect("deliveries")
+            .iter()
+            .all(|d| d["profile_id"] != ann_id.as_str()),
+        "{deliveries}"
+    );
+    let changes = c.get(&format!("/v1/membership-changes?profile_id={ann_id}"));
+    let kinds: Vec<(&str, &str)> = changes["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|ch| {
+            (
+                ch["type"].as_str().unwrap_or(""),
+                ch["cause"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(kinds, [("exited", "erased")], "{changes}");
+    let csv = std::fs::read_to_string(&file).expect("csv");
+    assert_eq!(csv.lines().count(), 2, "the header and bo's row: {csv}");
+    let everything = serde_json::to_string(&[
+        c.get("/v1/events?limit=1000"),
+        c.get("/v1/deliveries?limit=1000"),
+        c.get("/v1/membership-changes?limit=1000"),
+        c.get("/v1/failed"),
+    ])
+    .expect("json");
+    assert!(!everything.contains("ann@example.com") && !everything.contains("\"ann\""));
+
+    // No campaign fired for the erased person's exit: bo's exit arrives alone.
+    assert_eq!(
+        c.post(
+            "/v1/identify",
+            &json!({"userId": "bo", "traits": {"plan": "free"}})
+        )
+        .status(),
+        200
+    );
+    eventually("bo's exit delivered", || {
+        (spy.hits().len() >= 3).then_some(())
+    });
+    let delivered = c.get("/v1/deliveries?state=delivered");
+    assert_eq!(
+        delivered["deliveries"].as_array().map(Vec::len),
+        Some(2),
+        "{delivered}"
+    );
+    assert_eq!(spy.hits().len(), 3);
+
+    // Suppression keeps working.
+    assert_eq!(
+        c.post(
+            "/v1/identify",
+            &json!({"userId": "ann", "traits": {"plan": "pro"}})
+        )
+        .status(),
+        200
+    );
+    let stats = c.wait_processed();
+    assert_eq!(stats["dropped"]["suppressed"], 1, "{stats}");
+}

@@ -415,11 +415,11 @@ fn memberships_follow_events_windows_merges_splits_and_deletes_exactly_once() {
         [change("pro", &visitor, "entered", "profile")]
     );
 
-    // Delete ann: she leaves every segment, once.
+    // Delete ann: she leaves every segment, once, because she was erased.
     assert_eq!(delete(&h, &format!("/v1/profiles/{ann}")).status(), 200);
     assert_eq!(
         summary(&changes_after(&h, 8)),
-        [change("pro", &ann, "exited", "profile")]
+        [change("pro", &ann, "exited", "erased")]
     );
     assert_eq!(members(&h, "pro"), std::slice::from_ref(&visitor));
 

@@ -104,11 +104,20 @@ pub fn row(profile: &Profile) -> Option<String> {
 ///
 /// When the directory cannot be written.
 pub fn write_file(dir: &Path, segment: &str, csv: &str) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
     let name = format!(
         "{segment}-{}.csv",
         Timestamp::now().strftime("%Y%m%dT%H%M%S%.fZ")
     );
+    write_named(dir, &name, csv)
+}
+
+/// Writes `csv` as `{dir}/{name}`, atomically (a temporary file, synced, renamed).
+///
+/// # Errors
+///
+/// When the directory cannot be written.
+pub fn write_named(dir: &Path, name: &str, csv: &str) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
     let path = dir.join(name);
     let mut file = tempfile::NamedTempFile::new_in(dir)?;
     file.write_all(csv.as_bytes())?;

@@ -55,7 +55,7 @@ use crate::error::StoreError;
 use crate::identity::Identity;
 use crate::secrets::MasterKey;
 use crate::segments::Membership;
-use crate::segments::live::{Kind, MembershipChange};
+use crate::segments::live::{Cause, Kind, MembershipChange};
 use crate::store::{Space, Store, Writes, space_key as key};
 use crate::worker::Worker;
 use crate::writer::{Append, LogWriter};
@@ -251,6 +251,10 @@ pub enum Trigger {
 
 impl Trigger {
     fn matches(&self, change: &MembershipChange) -> bool {
+        // An erased person gets nothing more, not even a goodbye.
+        if change.cause == Cause::Erased {
+            return false;
+        }
         match self {
             Trigger::SegmentEntered { segment } => {
                 change.kind == Kind::Entered && *segment == change.segment
@@ -1032,6 +1036,109 @@ impl Activation {
         Ok(tokens)
     }
 
+    /// Forgets erased profiles: their deliveries (and their places in the queue),
+    /// push tokens and frequency caps, and the marks of campaigns their events fired.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn forget_profiles(
+        &self,
+        profiles: &std::collections::BTreeSet<String>,
+        seqs: &[u64],
+    ) -> Result<ForgottenActivation, StoreError> {
+        let _outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut writes = Writes::new();
+        let mut forgotten = ForgottenActivation::default();
+        for (k, v) in self.store.scan(Space::Activation, &key(b'o', &[b""]))? {
+            let Ok(delivery) = serde_json::from_slice::<Delivery>(&v) else {
+                continue;
+            };
+            if profiles.contains(&delivery.profile_id) {
+                writes.insert(queue_key(delivery.next_attempt_at, delivery.id), None);
+                writes.insert(k, None);
+                forgotten.deliveries += 1;
+            }
+        }
+        for profile in profiles {
+            for (k, _) in self
+                .store
+                .scan(Space::Activation, &key(b't', &[profile.as_bytes(), b""]))?
+            {
+                writes.insert(k, None);
+                forgotten.push_tokens += 1;
+            }
+        }
+        let caps = key(b'f', &[b""]);
+        for (k, _) in self.store.scan(Space::Activation, &caps)? {
+            let profile = k[caps.len()..]
+                .split(|b| *b == 0)
+                .nth(1)
+                .map(String::from_utf8_lossy);
+            if profile.is_some_and(|p| profiles.contains(p.as_ref())) {
+                writes.insert(k, None);
+                forgotten.frequency_caps += 1;
+            }
+        }
+        let seqs: std::collections::BTreeSet<[u8; 8]> =
+            seqs.iter().map(|s| s.to_be_bytes()).collect();
+        let marks = key(b'e', &[b""]);
+        for (k, _) in self.store.scan(Space::Activation, &marks)? {
+            if k.len() >= 8 && seqs.contains(&k[k.len() - 8..]) {
+                writes.insert(k, None);
+            }
+        }
+        self.store.apply(Space::Activation, writes)?;
+        self.store.flush()?;
+        Ok(forgotten)
+    }
+
+    /// Removes an erased person's rows from the audience export files under the export
+    /// root (rows whose hashed email or phone is theirs); answers the rows removed.
+    ///
+    /// # Errors
+    ///
+    /// When a file cannot be read or rewritten.
+    pub fn scrub_exports(&self, hashes: &[String]) -> Result<usize, String> {
+        if hashes.is_empty() || !self.export_root.exists() {
+            return Ok(0);
+        }
+        let mut removed = 0;
+        let mut dirs = vec![self.export_root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                if path.extension().is_none_or(|e| e != "csv") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let theirs = |line: &str| {
+                    line.split(',')
+                        .take(2)
+                        .any(|field| !field.is_empty() && hashes.iter().any(|h| h == field))
+                };
+                let kept: Vec<&str> = text.lines().filter(|l| !theirs(l)).collect();
+                let gone = text.lines().count() - kept.len();
+                if gone > 0 {
+                    let mut rewritten = kept.join("\n");
+                    rewritten.push('\n');
+                    let dir = path.parent().unwrap_or(&self.export_root);
+                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                    audience::write_named(dir, name.as_deref().unwrap_or("export.csv"), &rewritten)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    removed += gone;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes a token the provider said is gone, from every profile holding it.
     fn retire(&self, profile: &str, provider: &str, token: &str) -> Result<(), StoreError> {
         let mut owners = vec![profile.to_owned()];
@@ -1463,6 +1570,17 @@ impl Activation {
             tracing::warn!(%error, "delivery timeline events were not written");
         }
     }
+}
+
+/// What [`Activation::forget_profiles`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ForgottenActivation {
+    /// Deliveries in the outbox.
+    pub deliveries: usize,
+    /// Push tokens and subscriptions.
+    pub push_tokens: usize,
+    /// Frequency caps.
+    pub frequency_caps: usize,
 }
 
 /// New deliveries being written together.

@@ -67,6 +67,9 @@ pub enum Cause {
     Time,
     /// The segment was created or edited and computed for existing profiles.
     Computed,
+    /// The profile was erased (`DELETE /v1/profiles/{id}`): it left every segment, and
+    /// these exits trigger no campaign.
+    Erased,
 }
 
 /// One enter or exit, as activation consumes it.
@@ -478,6 +481,30 @@ impl Membership {
         }
     }
 
+    /// Forgets the membership history of erased profiles, but for the exits their
+    /// erasure recorded; answers how many records went.
+    ///
+    /// # Errors
+    ///
+    /// On a storage failure.
+    pub fn forget_history(&self, profiles: &BTreeSet<String>) -> Result<usize, StoreError> {
+        let _updating = lock(&self.updating);
+        let prefix = key(b'h', &[b""]);
+        let mut writes = Writes::new();
+        for (k, v) in self.store.scan(Space::Membership, &prefix)? {
+            let Ok(change) = serde_json::from_slice::<MembershipChange>(&v) else {
+                continue;
+            };
+            if profiles.contains(&change.profile_id) && change.cause != Cause::Erased {
+                writes.insert(k, None);
+            }
+        }
+        let removed = writes.len();
+        self.store.apply(Space::Membership, writes)?;
+        self.store.flush()?;
+        Ok(removed)
+    }
+
     /// Membership changes numbered after `after`, oldest first, at most `limit`, of a
     /// segment and a profile when given.
     ///
@@ -577,7 +604,11 @@ impl Membership {
             }
             let before = self.state(&profile_id)?;
             let mut state = before.clone();
-            let transitions = match self.identity.profile(&profile_id)? {
+            let found = self.identity.profile(&profile_id)?;
+            if found.is_none() {
+                update.cause = Some(Cause::Erased);
+            }
+            let transitions = match found {
                 Some(profile) if profile.id == profile_id => {
                     update.change.segments.extend(state.due_at(now));
                     let traits = profile.trait_values();
