@@ -9,6 +9,9 @@ use serde_json::{Map, Value};
 /// Top-level fields the pipeline relies on, which no transformation may write.
 const PROTECTED: [&str; 3] = ["type", "messageId", "receivedAt"];
 
+/// The most keys a path has: well within the nesting an event may have.
+pub const MAX_PATH_KEYS: usize = 16;
+
 /// A path of object keys into a message. Keys cannot contain dots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -22,6 +25,12 @@ impl TryFrom<String> for FieldPath {
         if keys.iter().any(String::is_empty) {
             return Err(format!(
                 "{path:?} is not a field path (keys separated by dots, such as \"properties.price\")"
+            ));
+        }
+        if keys.len() > MAX_PATH_KEYS {
+            return Err(format!(
+                "a field path has at most {MAX_PATH_KEYS} keys; this one has {}",
+                keys.len()
             ));
         }
         Ok(FieldPath(keys))
