@@ -167,6 +167,22 @@ mod tests {
     }
 
     #[test]
+    fn a_thread_is_down_between_its_panic_and_its_restart() {
+        let health = Health::default();
+        health.set_up("pipeline");
+        assert!(health.down().is_empty());
+        health.set_down("pipeline", "boom".to_owned());
+        assert_eq!(health.down(), ["pipeline"], "/readyz answers 503 now");
+        assert_eq!(
+            health.snapshot()["pipeline"].last_panic.as_deref(),
+            Some("boom")
+        );
+        health.set_up("pipeline");
+        assert!(health.down().is_empty());
+        assert_eq!(health.snapshot()["pipeline"].restarts, 1);
+    }
+
+    #[test]
     fn panic_messages_are_read() {
         let text = catch_unwind(|| panic!("plain")).expect_err("panics");
         assert_eq!(panic_message(text.as_ref()), "plain");
