@@ -14,6 +14,9 @@ pub enum StoreError {
     /// sled failed (disk full, I/O error, corruption).
     #[error("storage: {0}")]
     Sled(#[from] sled::Error),
+    /// The storage backend failed (disk full, I/O error, corruption); retry later.
+    #[error("storage: {0}")]
+    Storage(String),
     /// A stored record could not be encoded or decoded.
     #[error("encoding: {0}")]
     Encoding(#[from] serde_json::Error),

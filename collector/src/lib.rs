@@ -12,6 +12,7 @@
 
 pub mod activation;
 pub mod admin;
+pub mod backend;
 pub mod child;
 pub mod config;
 pub mod disk;
